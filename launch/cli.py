@@ -1,0 +1,49 @@
+"""Command-line glue shared by the launchers: strategy flags and user-error reporting."""
+
+import contextlib
+import os
+import sys
+
+from absl import flags
+
+import _bootstrap  # noqa: F401
+
+_STRATEGY = None
+
+
+def define_strategy_flags():
+    global _STRATEGY
+    from showtell_dist.distribute.strategy import STRATEGIES
+
+    _STRATEGY = flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
+    flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into N logical devices (for mirrored on a CPU).")
+    flags.DEFINE_string("tpu", None, "With --strategy=tpu: a TPU name, 'local', or grpc://host:port.")
+
+
+def strategy_from_flags():
+    from showtell_dist.distribute.strategy import create_strategy
+
+    return create_strategy(_STRATEGY.value, num_cpu_devices=flags.FLAGS.num_cpu_devices, tpu=flags.FLAGS.tpu)
+
+
+def default_model_dir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    return os.path.join("runs", name)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Prints a UserError's message (no stack trace) and exits with status 2."""
+    from showtell_dist.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = ("step", "loss", "perplexity", "val_loss", "val_perplexity", "images_per_s")
+    return "final: " + ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                                 for k in keys if k in metrics)

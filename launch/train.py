@@ -1,0 +1,60 @@
+"""Trains a Show and Tell captioner under a tf.distribute strategy.
+
+  python launch/train.py --strategy=mirrored                      # the demo
+  python launch/train.py --config=configs/flickr8k_mobilenet.py --model_dir=runs/f8k
+  python launch/train.py --config.train.steps=500 --strategy=mirrored --num_cpu_devices=2
+
+With the default config it generates the synthetic shapes dataset if absent,
+prepares records, trains, and prints greedy captions for held-out images.
+"""
+
+import os
+import sys
+
+import _bootstrap  # noqa: F401  (puts the repo on sys.path)
+from absl import app, flags
+from ml_collections import config_flags
+
+import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_bootstrap.REPO_ROOT, "configs", "demo.py"), "Experiment config file.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and config (local or gs://). "
+                                 "Default: runs/<config name>.")
+_JIT = flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (overrides the config).")
+_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "mixed_float16", "mixed_bfloat16"],
+                           "Mixed-precision policy (overrides the config).")
+_SAMPLES = flags.DEFINE_integer("num_examples", None, "Held-out images to caption at the end.")
+cli.define_strategy_flags()
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if _JIT.value is not None:
+        config.train.jit_compile = _JIT.value
+    if _MIXED.value is not None:
+        config.train.mixed_precision = "" if _MIXED.value == "none" else _MIXED.value
+    model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
+    with cli.user_errors():
+        strategy = cli.strategy_from_flags()
+        from showtell_dist.data.prepare import ensure_prepared
+        from showtell_dist.distribute.strategy import is_chief
+        from showtell_dist.training import train_loop
+
+        ensure_prepared(config)
+        print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+              f"model_dir: {model_dir}", flush=True)
+        metrics, experiment = train_loop.train(config, strategy, model_dir)
+        if not is_chief(strategy):
+            return
+        print(cli.format_metrics(metrics), flush=True)
+        if metrics.get("preempted"):
+            sys.exit(143)
+        num = config.demo.num_examples if _SAMPLES.value is None else _SAMPLES.value
+        if num:
+            print(train_loop.held_out_samples(experiment, num), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

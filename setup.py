@@ -1,0 +1,28 @@
+"""showtell_dist: distributed Show-and-Tell image captioning on tf.distribute."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="showtell_dist",
+    version="0.1.0",
+    description="Distributed TensorFlow training and fast batched evaluation of Show-and-Tell captioners",
+    packages=find_packages(include=["showtell_dist", "showtell_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorboard",  # tf.summary's implementation; TF 2.21 no longer installs it
+        "keras>=3.10",
+        "spacy>=3.7,<4",
+        "google-cloud-storage>=2.18",
+        "absl-py",
+        "ml_collections",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "pycocoevalcap",
+    ],
+    extras_require={
+        "dev": ["pytest", "gcp-storage-emulator", "cryptography"],
+    },
+)

@@ -1,0 +1,147 @@
+"""tf.data input pipelines over prepared shards (local or gs://).
+
+One element per image, with all its captions, so that the train step encodes
+each image once and its captions share that encoding:
+
+  images    [batch, height, width, 3] float32, pixel values 0..255
+  captions  [batch, captions_per_image, max_len] int32, 0-padded; a row of
+            zeros is a missing caption and carries no loss
+  image_id  [batch] string
+
+Pipelines are built per input pipeline (one per worker) through
+`strategy.distribute_datasets_from_function`, sharded by file when there are
+enough files and by record otherwise. Training order is a pure function of the
+seed, so a resumed run skips the serialized records it already consumed
+(before any decoding) and sees exactly the stream an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from showtell_dist.data import records
+from showtell_dist.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    data_dir: str
+    split: str
+    image_size: int
+    captions_per_image: int
+    max_len: int
+    global_batch_size: int
+    seed: int = 0
+    shuffle_buffer: int = 1000
+
+
+def shard_files(manifest: dict, spec: PipelineSpec) -> list[str]:
+    if spec.split not in manifest["splits"]:
+        raise DataError(f"split {spec.split!r} is not in the prepared dataset at {spec.data_dir} "
+                        f"(it has {sorted(manifest['splits'])}).")
+    files = [f"{spec.data_dir.rstrip('/')}/{s['file']}" for s in manifest["splits"][spec.split]["shards"]
+             if s["records"] > 0]
+    if not files:
+        raise DataError(f"split {spec.split!r} at {spec.data_dir} has no records.")
+    return files
+
+
+def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG bytes -> [image_size, image_size, 3] float32 in 0..255."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _caption_matrix(ragged: tf.RaggedTensor, spec: PipelineSpec, seed=None) -> tf.Tensor:
+    """[num_captions, (len)] -> [captions_per_image, max_len], chosen at random when seed is given."""
+    n = ragged.nrows(out_type=tf.int32)
+    if seed is not None:
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=seed))
+        ragged = tf.gather(ragged, order)
+    dense = ragged[: spec.captions_per_image].to_tensor(shape=[None, spec.max_len])
+    pad_rows = spec.captions_per_image - tf.shape(dense)[0]
+    padded = tf.pad(dense, [[0, pad_rows], [0, 0]])
+    return tf.ensure_shape(padded, [spec.captions_per_image, spec.max_len])
+
+
+def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
+    return {"images": decode_image(parsed["jpeg"], spec.image_size),
+            "captions": _caption_matrix(parsed["captions"], spec, seed),
+            "image_id": parsed["image_id"]}
+
+
+def _records(files: list[str], context: tf.distribute.InputContext, spec: PipelineSpec, shuffle: bool):
+    """Serialized records for this input pipeline, repeated and shuffled when `shuffle`."""
+    pipelines, index = context.num_input_pipelines, context.input_pipeline_id
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    by_file = len(files) >= pipelines and shuffle
+    if by_file:
+        ds = ds.shard(pipelines, index)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=spec.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(files)),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not by_file and pipelines > 1:
+        ds = ds.shard(pipelines, index)
+    if shuffle:
+        ds = ds.shuffle(spec.shuffle_buffer, seed=spec.seed + 1, reshuffle_each_iteration=True)
+    return ds
+
+
+def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
+    """Returns fn(InputContext) -> infinite shuffled dataset of per-replica batches."""
+    files = shard_files(manifest, spec)
+
+    def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = context.get_per_replica_batch_size(spec.global_batch_size)
+        replicas_per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
+        consumed = start_step * batch * replicas_per_pipeline
+        ds = _records(files, context, spec, shuffle=True).enumerate().skip(consumed)
+
+        def parse(position, serialized):
+            seed = tf.stack([tf.constant(spec.seed, tf.int64), position])
+            return _to_element(records.parse_example(serialized), spec, seed)
+
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    return input_fn
+
+
+def eval_steps(manifest: dict, spec: PipelineSpec, num_input_pipelines: int,
+               max_images: int | None = None) -> int:
+    """Distributed steps that cover every image of the split (or the first max_images) once."""
+    images = manifest["splits"][spec.split]["images"]
+    if max_images is not None:
+        images = min(images, max_images)
+    per_pipeline = math.ceil(images / num_input_pipelines)
+    return max(1, math.ceil(per_pipeline / (spec.global_batch_size // num_input_pipelines)))
+
+
+def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = None):
+    """Returns fn(InputContext) -> finite dataset of static-shape per-replica batches.
+
+    Each pipeline yields its share of the split in order, the last batch padded
+    with empty images (no captions, so no loss) and then all-padding batches, so
+    that every worker runs the same number of steps (`eval_steps`).
+    """
+    files = shard_files(manifest, spec)
+
+    def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        batch = context.get_per_replica_batch_size(spec.global_batch_size)
+        ds = _records(files, context, spec, shuffle=False)
+        if max_images is not None:
+            ds = ds.take(math.ceil(max_images / context.num_input_pipelines))
+        ds = ds.map(lambda s: _to_element(records.parse_example(s), spec),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        empty = {"images": tf.zeros([spec.image_size, spec.image_size, 3]),
+                 "captions": tf.zeros([spec.captions_per_image, spec.max_len], tf.int32),
+                 "image_id": tf.constant("")}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat())
+        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    return input_fn

@@ -1,0 +1,222 @@
+"""Caption dataset -> vocabulary JSON + sharded TFRecords + manifest JSON.
+
+`prepare_dataset` reads any supported layout (see `layouts.py`), fits the
+tokenizer on the training captions only, and writes into `output_dir`
+(a local path or any `tf.io.gfile` URL such as gs://bucket/prefix):
+
+  vocab.json                              the tokenizer (see tokenizer.py)
+  {split}-00000-of-000NN.tfrecord ...     one Example per image (records.py)
+  manifest.json                           counts, shard sizes and checksums,
+                                          and every skipped item with its reason
+
+Shards are written in parallel, each to a temporary name then renamed, so a
+reader never sees half a shard. Nothing is dropped silently: every skipped
+caption or image is listed in the manifest and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import uuid
+from typing import Sequence
+
+import tensorflow as tf
+
+from showtell_dist.data import images as images_lib
+from showtell_dist.data import layouts
+from showtell_dist.data import records
+from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.errors import DataError
+
+MANIFEST = "manifest.json"
+VOCABULARY = "vocab.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    layout: str = "auto"
+    image_dir: str | None = None
+    lang: str = "en"
+    spacy_model: str | None = None
+    min_count: int = 1
+    vocab_size: int | None = None
+    max_len: int | None = None
+    images_per_shard: int = 1000
+    num_workers: int = 8
+
+
+def _md5_base64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: dict[str, list[list[int]]]):
+    """Writes one shard atomically. Returns (shard info, skipped items)."""
+    skipped, serialized, num_captions = [], [], 0
+    for entry in entries:
+        try:
+            jpeg, height, width = images_lib.load_image_as_jpeg(entry.path)
+        except images_lib.ImageError as exc:
+            skipped.append(layouts.SkippedItem(entry.image_id, exc.reason))
+            continue
+        serialized.append(records.encode_example(entry.image_id, jpeg, height, width,
+                                                 token_ids[entry.image_id], entry.captions))
+        num_captions += len(entry.captions)
+    # TFRecord framing is cheap to compute but we let TF write it; the bytes are
+    # read back only to checksum a local temporary file, never a remote one.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for s in serialized:
+            writer.write(s)
+    with tf.io.gfile.GFile(tmp, "rb") as f:
+        data = f.read()
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    info = {"file": path.rsplit("/", 1)[-1], "records": len(serialized),
+            "captions": num_captions,
+            "bytes": len(data), "md5": _md5_base64(data)}
+    return info, skipped
+
+
+def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | None = None,
+                    progress=None) -> dict:
+    """Prepares `input_dir` into `output_dir`; returns the manifest dict."""
+    options = options or PrepareOptions()
+    corpus = layouts.read_corpus(input_dir, layout=options.layout, image_dir=options.image_dir)
+    if "train" not in corpus.splits or not corpus.splits["train"]:
+        raise DataError(f"{input_dir}: no 'train' split with images was found "
+                        f"(splits: {sorted(corpus.splits) or 'none'}); the vocabulary is fitted on train.")
+    train_captions = [c for e in corpus.splits["train"] for c in e.captions]
+    tokenizer = Tokenizer.fit(train_captions, lang=options.lang, spacy_model=options.spacy_model,
+                              min_count=options.min_count, vocab_size=options.vocab_size,
+                              max_len=options.max_len)
+
+    # Tokenise every caption of every split in one batched pass.
+    order = [(split, e) for split, entries in corpus.splits.items() for e in entries]
+    all_words = tokenizer.split_words([c for _, e in order for c in e.captions])
+    token_ids: dict[str, list[list[int]]] = {}
+    truncated, pos = 0, 0
+    for _, e in order:
+        ids = []
+        for words in all_words[pos: pos + len(e.captions)]:
+            encoded, cut = tokenizer.encode_words(words)
+            ids.append(encoded)
+            truncated += cut
+        pos += len(e.captions)
+        token_ids[e.image_id] = ids
+
+    tf.io.gfile.makedirs(output_dir)
+    jobs = []
+    for split, entries in corpus.splits.items():
+        count = max(1, math.ceil(len(entries) / options.images_per_shard))
+        for i in range(count):
+            chunk = entries[i::count]  # round-robin: shards of near-equal size
+            jobs.append((split, f"{output_dir.rstrip('/')}/{records.shard_name(split, i, count)}", chunk))
+
+    skipped = list(corpus.skipped)
+    shards: dict[str, list[dict]] = {split: [] for split in corpus.splits}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=options.num_workers) as pool:
+        futures = {pool.submit(_write_shard, path, chunk, token_ids): split for split, path, chunk in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            info, shard_skipped = fut.result()
+            shards[futures[fut]].append(info)
+            skipped.extend(shard_skipped)
+            if progress:
+                progress(info)
+
+    tokenizer.save(f"{output_dir.rstrip('/')}/{VOCABULARY}")
+    splits = {}
+    for split, infos in shards.items():
+        infos.sort(key=lambda s: s["file"])
+        splits[split] = {"images": sum(s["records"] for s in infos),
+                         "captions": sum(s["captions"] for s in infos), "shards": infos}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": corpus.source,
+        "vocabulary": {"file": VOCABULARY, "size": tokenizer.vocab_size, "fitted_on": "train",
+                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size},
+        "max_len": tokenizer.max_len,
+        "truncated_captions": truncated,
+        "splits": splits,
+        "skipped": [dataclasses.asdict(s) for s in skipped],
+    }
+    # The manifest is written last: its presence means the dataset is complete.
+    write_json_atomically(f"{output_dir.rstrip('/')}/{MANIFEST}", manifest)
+    return manifest
+
+
+def write_json_atomically(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, ensure_ascii=False))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def load_manifest(data_dir: str) -> dict:
+    path = f"{data_dir.rstrip('/')}/{MANIFEST}"
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"{path} does not exist: {data_dir} is not a prepared dataset. "
+                        "Run launch/prepare_data.py --input_dir=... --output_dir=" + data_dir)
+    with tf.io.gfile.GFile(path, "r") as f:
+        try:
+            manifest = json.loads(f.read())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); re-run launch/prepare_data.py.") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {manifest.get('format_version')}, this toolkit reads "
+                        f"{FORMAT_VERSION}; re-run launch/prepare_data.py.")
+    return manifest
+
+
+def summarize(manifest: dict) -> str:
+    """A few human-readable lines about a prepared dataset."""
+    lines = [f"source: {manifest['source']}",
+             f"vocabulary: {manifest['vocabulary']['size']} ids (fitted on train), max_len {manifest['max_len']}"
+             f", captions cut to max_len: {manifest['truncated_captions']}"]
+    for split, s in manifest["splits"].items():
+        lines.append(f"{split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    reasons: dict[str, int] = {}
+    for item in manifest["skipped"]:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    lines.append(f"skipped: {len(manifest['skipped'])}" +
+                 ("" if not reasons else " (" + ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) + ")"))
+    return "\n".join(lines)
+
+
+def options_from_config(config) -> PrepareOptions:
+    """PrepareOptions from the `data` and `tokenizer` parts of an experiment config."""
+    tok = config.tokenizer
+    return PrepareOptions(layout=config.data.layout, image_dir=config.data.image_dir or None,
+                          lang=tok.lang, spacy_model=tok.spacy_model or None, min_count=tok.min_count,
+                          vocab_size=tok.vocab_size or None, max_len=tok.max_len or None,
+                          images_per_shard=config.data.images_per_shard)
+
+
+def ensure_prepared(config, log=print) -> dict:
+    """Generates the synthetic source if configured and absent, prepares records if absent.
+
+    Returns the manifest of config.data.records_dir. Records that already exist
+    are reused as they are (delete the directory to prepare again).
+    """
+    records_dir = config.data.records_dir
+    if tf.io.gfile.exists(f"{records_dir.rstrip('/')}/{MANIFEST}"):
+        return load_manifest(records_dir)
+    source = config.data.source_dir
+    if config.data.generate_synthetic:
+        from showtell_dist.data import synthetic
+
+        if synthetic.ensure_shapes_dataset(source, **config.data.synthetic.to_dict()):
+            log(f"generated the synthetic shapes dataset in {source}")
+    elif not tf.io.gfile.exists(source):
+        raise DataError(f"data.source_dir {source} does not exist and data.records_dir {records_dir} "
+                        "holds no prepared dataset; point them at your data (see README).")
+    log(f"preparing records from {source} into {records_dir} ...")
+    manifest = prepare_dataset(source, records_dir, options_from_config(config))
+    log(summarize(manifest))
+    return manifest

@@ -1,0 +1,83 @@
+"""The Show and Tell captioner: CNN features -> initial LSTM state -> words.
+
+    features = encoder(images)                        # [batch, feature_dim]
+    h0 = dropout(tanh(Dense(features))), c0 = 0       # [batch, units]
+    logits = Dense(dropout(LSTM(embed(tokens), (h0, c0))))
+
+Training calls `encode` once per image and `decode_sequence` on all captions
+of those images (the state is repeated per caption). Decoding calls
+`decode_step`, one token for every row, carrying (h, c): no prefix is re-run.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from showtell_dist.model.encoders import build_encoder
+
+
+class ShowAndTell(keras.Model):
+    def __init__(self, *, vocab_size: int, encoder: str = "small_cnn", encoder_weights: str | None = None,
+                 encoder_trainable: bool = True, image_size: int | None = None, units: int = 512,
+                 embed_dim: int = 512, dropout: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = build_encoder(encoder, image_size=image_size, weights=encoder_weights)
+        self.encoder.trainable = encoder_trainable
+        self.encoder_trainable = encoder_trainable
+        self.image_size = self.encoder.input_shape[1]
+        self.units = units
+        self.init_dense = keras.layers.Dense(units, activation="tanh", name="init_state")
+        self.init_dropout = keras.layers.Dropout(dropout)
+        self.embedding = keras.layers.Embedding(vocab_size, embed_dim, name="embedding")
+        self.lstm = keras.layers.LSTM(units, return_sequences=True, name="lstm")
+        self.out_dropout = keras.layers.Dropout(dropout)
+        # Logits in float32 even under a mixed-precision policy, for a stable loss.
+        self.logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")
+
+    def build_all(self) -> "ShowAndTell":
+        """Creates every variable (before an optimizer or checkpoint needs them)."""
+        images = tf.zeros([1, self.image_size, self.image_size, 3])
+        state = self.initial_state(self.encode(images))
+        self.decode_sequence(state, tf.zeros([1, 2], tf.int32))
+        return self
+
+    def encode(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """[batch, H, W, 3] 0..255 -> [batch, feature_dim]."""
+        # A frozen encoder always runs in inference mode (batch-norm statistics fixed).
+        return self.encoder(images, training=training and self.encoder_trainable)
+
+    def initial_state(self, features: tf.Tensor, training: bool = False, repeats: int = 1):
+        """[batch, feature_dim] -> (h, c), each [batch * repeats, units]."""
+        h = self.init_dense(features)
+        if repeats > 1:
+            h = tf.repeat(h, repeats, axis=0)
+        h = self.init_dropout(h, training=training)
+        return h, tf.zeros_like(h)
+
+    def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Teacher forcing: tokens [rows, time] -> logits [rows, time, vocab] float32."""
+        x = self.embedding(tokens)
+        x = self.lstm(x, initial_state=list(state), training=training)
+        return self.logits(self.out_dropout(x, training=training))
+
+    def decode_step(self, tokens: tf.Tensor, state):
+        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c)."""
+        x = self.embedding(tokens)
+        h, (h, c) = self.lstm.cell(x, list(state), training=False)
+        return self.logits(h), (h, c)
+
+    def call(self, inputs, training=False):
+        """(images [batch, H, W, 3], tokens [batch, time]) -> logits [batch, time, vocab]."""
+        images, tokens = inputs
+        return self.decode_sequence(self.initial_state(self.encode(images, training), training),
+                                    tokens, training)
+
+
+def build_model(model_config, vocab_size: int) -> ShowAndTell:
+    """Builds a ShowAndTell from the `model` part of an experiment config."""
+    return ShowAndTell(vocab_size=vocab_size, encoder=model_config.encoder,
+                       encoder_weights=model_config.encoder_weights or None,
+                       encoder_trainable=model_config.encoder_trainable,
+                       image_size=model_config.image_size or None, units=model_config.units,
+                       embed_dim=model_config.embed_dim, dropout=model_config.dropout).build_all()

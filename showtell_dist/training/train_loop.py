@@ -1,0 +1,181 @@
+"""The training controller: checkpoints, resume, summaries, progress, evaluation.
+
+`train(config, strategy, model_dir)` restores the latest checkpoint of
+model_dir if there is one (model, optimizer state, step), continues the input
+stream where it stopped, runs `steps_per_loop` steps per host call, writes
+tf.summary scalars, saves checkpoints every `checkpoint_every` steps, on
+SIGTERM and at the end, and evaluates the validation loss every `eval_every`
+steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+from tqdm import tqdm
+
+from showtell_dist.data import pipeline
+from showtell_dist.data.prepare import VOCABULARY, load_manifest
+from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.distribute.strategy import is_chief
+from showtell_dist.errors import ConfigError
+from showtell_dist.model.show_and_tell import ShowAndTell, build_model
+from showtell_dist.training.model_dir import prepare_model_dir
+from showtell_dist.training.preemption import PreemptionWatcher
+from showtell_dist.training.trainer import Trainer
+
+MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config and a prepared dataset, ready to train or evaluate."""
+
+    config: object
+    manifest: dict
+    tokenizer: Tokenizer
+    model: ShowAndTell
+    trainer: Trainer
+    checkpoint: tf.train.Checkpoint
+
+
+def pipeline_spec(config, manifest: dict, split: str) -> pipeline.PipelineSpec:
+    return pipeline.PipelineSpec(
+        data_dir=config.data.records_dir, split=split, image_size=config.model.image_size,
+        captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
+        global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+        shuffle_buffer=config.data.shuffle_buffer)
+
+
+def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
+    policy = config.train.mixed_precision or ""
+    if policy not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {policy!r}")
+    if config.train.global_batch_size % strategy.num_replicas_in_sync:
+        raise ConfigError(f"global_batch_size {config.train.global_batch_size} is not divisible by the "
+                          f"{strategy.num_replicas_in_sync} replicas of the strategy.")
+    manifest = load_manifest(config.data.records_dir)
+    tokenizer = Tokenizer.load(f"{config.data.records_dir}/{VOCABULARY}")
+    keras.mixed_precision.set_global_policy(policy or "float32")
+    keras.utils.set_random_seed(config.train.seed)
+    with strategy.scope():
+        model = build_model(config.model, tokenizer.vocab_size)
+    trainer = Trainer(strategy, model, config.train, mixed_precision=policy or None,
+                      jit_compile=config.train.jit_compile)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step)
+    return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
+
+
+def _checkpoint_dir(model_dir: str, strategy) -> str:
+    if is_chief(strategy):
+        return f"{model_dir}/checkpoints"
+    # Other workers must save too (the save is collective) but into a scratch dir.
+    return f"{model_dir}/checkpoints_worker_{strategy.cluster_resolver.task_id}"
+
+
+def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
+    spec = pipeline_spec(exp.config, exp.manifest, split)
+    dataset = strategy.distribute_datasets_from_function(
+        pipeline.eval_input_fn(exp.manifest, spec, max_images=max_images))
+    steps = pipeline.eval_steps(exp.manifest, spec, _num_input_pipelines(strategy), max_images)
+    return exp.trainer.evaluate(iter(dataset), steps)
+
+
+def _num_input_pipelines(strategy) -> int:
+    """One input pipeline per worker (host) of the cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
+
+
+def train(config, strategy: tf.distribute.Strategy, model_dir: str, *,
+          show_progress: bool = True) -> tuple[dict, Experiment]:
+    """Trains (or resumes) the experiment; returns the final metrics and the experiment."""
+    chief = is_chief(strategy)
+    exp = build_experiment(config, strategy)
+    prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
+    manager = tf.train.CheckpointManager(exp.checkpoint, _checkpoint_dir(model_dir, strategy),
+                                         max_to_keep=config.train.keep_checkpoints)
+    if manager.latest_checkpoint:
+        exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("resumed from %s at step %d", manager.latest_checkpoint, exp.trainer.current_step())
+    start = exp.trainer.current_step()
+    total = config.train.steps
+    spec = pipeline_spec(config, exp.manifest, "train")
+    dataset = strategy.distribute_datasets_from_function(pipeline.train_input_fn(exp.manifest, spec, start))
+    iterator = iter(dataset)
+    writer = tf.summary.create_file_writer(f"{model_dir}/train") if chief else tf.summary.create_noop_writer()
+    eval_writer = tf.summary.create_file_writer(f"{model_dir}/eval") if chief else tf.summary.create_noop_writer()
+    captions_per_step = config.train.global_batch_size * config.data.captions_per_image
+    metrics: dict = {"step": start}
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
+               mininterval=2.0, dynamic_ncols=True)
+    step = start
+    with PreemptionWatcher() as preemption:
+        while step < total:
+            n = min(config.train.steps_per_loop, total - step)
+            if config.train.checkpoint_every:
+                n = min(n, config.train.checkpoint_every - step % config.train.checkpoint_every)
+            if config.train.eval_every:
+                n = min(n, config.train.eval_every - step % config.train.eval_every)
+            t0 = time.perf_counter()
+            m = exp.trainer.train_loop(iterator, n)
+            elapsed = time.perf_counter() - t0
+            step += n
+            lr = exp.trainer.learning_rate()
+            metrics.update(step=step, loss=m["loss"], perplexity=float(tf.exp(m["loss"])), learning_rate=lr,
+                           grad_norm=m["grad_norm"], images_per_s=n * config.train.global_batch_size / elapsed)
+            with writer.as_default(step=step):
+                for name in ("loss", "perplexity", "learning_rate", "grad_norm"):
+                    tf.summary.scalar(name, metrics[name])
+                tf.summary.scalar("images_per_s", metrics["images_per_s"])
+                tf.summary.scalar("captions_per_s", n * captions_per_step / elapsed)
+            bar.update(n)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{metrics['images_per_s']:.0f}")
+            at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
+            if at_checkpoint or step == total or preemption.requested:
+                manager.save(checkpoint_number=step)
+            if preemption.requested:
+                bar.close()
+                logging.warning("SIGTERM: saved a checkpoint at step %d in %s; stopping.", step, model_dir)
+                metrics["preempted"] = True
+                return metrics, exp
+            if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+                _log_eval(exp, strategy, eval_writer, step, metrics)
+    bar.close()
+    if "val" in exp.manifest["splits"]:
+        _log_eval(exp, strategy, eval_writer, step, metrics)
+    writer.flush()
+    eval_writer.flush()
+    return metrics, exp
+
+
+def held_out_samples(exp: Experiment, num_examples: int) -> str:
+    """Greedy captions of the first images of the test (else val) split, with references."""
+    from showtell_dist.evaluation.samples import format_samples, sample_captions
+
+    split = next((s for s in ("test", "val") if s in exp.manifest["splits"]), None)
+    if split is None:
+        return "no held-out split (test or val) to caption"
+    samples = sample_captions(exp.model, exp.tokenizer, exp.manifest,
+                              pipeline_spec(exp.config, exp.manifest, split), num_examples)
+    return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
+
+
+def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict) -> None:
+    if "val" not in exp.manifest["splits"]:
+        return
+    max_images = exp.config.train.eval_max_images or None
+    val = evaluate_loss(exp, strategy, "val", max_images)
+    metrics.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+    with writer.as_default(step=step):
+        tf.summary.scalar("loss", val["loss"])
+        tf.summary.scalar("perplexity", val["perplexity"])
+    logging.info("step %d: val loss %.4f, perplexity %.2f", step, val["loss"], val["perplexity"])

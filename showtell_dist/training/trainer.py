@@ -1,0 +1,124 @@
+"""The compiled train and eval steps of a Show and Tell model under a strategy.
+
+A `Trainer` owns the model, the optimizer and a step counter, all created in
+`strategy.scope()`. `train_loop(iterator, n)` runs n steps in one host call
+(`steps_per_loop`); each step is `strategy.run` of a replica step that:
+
+  1. flattens [batch, captions, time] captions into [batch * captions, time]
+     rows; inputs are tokens[:-1], targets tokens[1:];
+  2. encodes each image once and repeats its initial state per caption;
+  3. sums the masked cross-entropy and divides by the number of real target
+     tokens in the global batch (all-reduced);
+  4. all-reduces the gradients, clips them by their global norm, and applies
+     them with an optimizer that does not reduce again.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from showtell_dist.training.loss import masked_token_loss_sum
+from showtell_dist.training.optimizer import build_optimizer
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def _flatten_captions(captions: tf.Tensor):
+    """[batch, captions, time] -> inputs, targets [batch * captions, time - 1]."""
+    time = captions.shape[-1]
+    rows = tf.reshape(captions, [-1, time])
+    return rows[:, :-1], rows[:, 1:]
+
+
+class Trainer:
+    def __init__(self, strategy: tf.distribute.Strategy, model, train_config, *,
+                 mixed_precision: str | None = None, jit_compile: bool = False):
+        self.strategy = strategy
+        self.model = model
+        self.clip_norm = float(train_config.clip_norm)
+        self.jit_compile = jit_compile
+        with strategy.scope():
+            self.optimizer = build_optimizer(train_config, mixed_precision)
+            # Built here, in scope, so that its slots are mirrored like the model's variables.
+            self.optimizer.build(model.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._train_loop = tf.function(self._train_loop_fn)
+        self._eval_loop = tf.function(self._eval_loop_fn)
+        self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
+        self._replica_eval_step = tf.function(self._replica_eval_step_fn, jit_compile=jit_compile)
+
+    def current_step(self) -> int:
+        return int(self.step.numpy())
+
+    def learning_rate(self) -> float:
+        """The learning rate the next step will use."""
+        lr = self.optimizer.learning_rate
+        return float(lr(self.current_step()) if callable(lr) else lr)
+
+    # -- replica steps -------------------------------------------------------
+    def _replica_train_step_fn(self, batch):
+        ctx = tf.distribute.get_replica_context()
+        captions = batch["captions"]  # [batch, captions, time]
+        inputs, targets = _flatten_captions(captions)
+        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, 0), tf.float32))
+        global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            features = self.model.encode(batch["images"], training=True)
+            state = self.model.initial_state(features, training=True, repeats=captions.shape[1])
+            logits = self.model.decode_sequence(state, inputs, training=True)
+            loss_sum, _ = masked_token_loss_sum(targets, logits)
+            loss = loss_sum / global_tokens
+            if self._loss_scaled:
+                loss = self.optimizer.scale_loss(loss)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        grads = ctx.all_reduce(SUM, grads)
+        scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self._loss_scaled else 1.0
+        if self.clip_norm > 0:
+            # Clipping the scaled gradient at clip_norm * scale clips the true one at clip_norm.
+            grads, norm = tf.clip_by_global_norm(grads, self.clip_norm * scale)
+        else:
+            norm = tf.linalg.global_norm(grads)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.step.assign_add(1)
+        return loss_sum, local_tokens, norm / scale
+
+    def _replica_eval_step_fn(self, batch):
+        captions = batch["captions"]
+        inputs, targets = _flatten_captions(captions)
+        features = self.model.encode(batch["images"])
+        state = self.model.initial_state(features, repeats=captions.shape[1])
+        return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs))
+
+    # -- host loops ------------------------------------------------------------
+    def _train_loop_fn(self, iterator, num_steps):
+        loss_sum, tokens, norm = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            step_loss, step_tokens, norm = self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            loss_sum += self.strategy.reduce(SUM, step_loss, axis=None)
+            tokens += self.strategy.reduce(SUM, step_tokens, axis=None)
+            norm = self.strategy.experimental_local_results(norm)[0]  # the same on every replica
+        return loss_sum, tokens, norm
+
+    def _eval_loop_fn(self, iterator, num_steps):
+        loss_sum, tokens = tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            step_loss, step_tokens = self.strategy.run(self._replica_eval_step, args=(next(iterator),))
+            loss_sum += self.strategy.reduce(SUM, step_loss, axis=None)
+            tokens += self.strategy.reduce(SUM, step_tokens, axis=None)
+        return loss_sum, tokens
+
+    def train_loop(self, iterator, num_steps: int) -> dict:
+        """Runs num_steps train steps; returns mean loss per token, tokens and last grad norm."""
+        loss_sum, tokens, norm = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+        tokens = float(tokens)
+        return {"loss": float(loss_sum) / max(tokens, 1.0), "tokens": tokens, "grad_norm": float(norm)}
+
+    def evaluate(self, iterator, num_steps: int) -> dict:
+        """Loss per real token and perplexity over num_steps eval batches."""
+        loss_sum, tokens = self._eval_loop(iterator, tf.constant(num_steps, tf.int32))
+        loss = float(loss_sum) / max(float(tokens), 1.0)
+        return {"loss": loss, "perplexity": float(tf.exp(loss)), "tokens": float(tokens)}

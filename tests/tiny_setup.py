@@ -1,0 +1,40 @@
+"""Tiny configs and datasets for fast tests."""
+
+import os
+
+from configs import demo
+from showtell_dist.data import synthetic
+from showtell_dist.data.prepare import PrepareOptions, prepare_dataset
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tiny_dataset(root: str, num_train: int = 48, num_val: int = 12, num_test: int = 8):
+    raw, records = os.path.join(root, "raw"), os.path.join(root, "records")
+    synthetic.generate_shapes_dataset(raw, num_train=num_train, num_val=num_val, num_test=num_test,
+                                      image_size=32, seed=1)
+    manifest = prepare_dataset(raw, records, PrepareOptions(images_per_shard=16, num_workers=4))
+    return records, manifest
+
+
+def tiny_config(records_dir: str, **train_overrides):
+    """The demo config shrunk to a model that trains a step in milliseconds."""
+    c = demo.get_config()
+    c.data.records_dir = records_dir
+    c.data.source_dir = records_dir
+    c.data.generate_synthetic = False
+    c.data.shuffle_buffer = 16
+    c.model.image_size = 32
+    c.model.units = 16
+    c.model.embed_dim = 8
+    c.model.dropout = 0.0
+    c.train.global_batch_size = 8
+    c.train.steps = 6
+    c.train.steps_per_loop = 2
+    c.train.warmup_steps = 2
+    c.train.checkpoint_every = 0
+    c.train.eval_every = 0
+    c.demo.num_examples = 0
+    for k, v in train_overrides.items():
+        setattr(c.train, k, v)
+    return c
