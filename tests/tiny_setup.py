@@ -2,7 +2,13 @@
 
 import os
 
+import keras
+import numpy as np
+import tensorflow as tf
+
 from configs import demo
+from showtell_dist.model.show_and_tell import build_model
+from showtell_dist.training.trainer import Trainer
 from showtell_dist.data import synthetic
 from showtell_dist.data.prepare import PrepareOptions, prepare_dataset
 
@@ -38,3 +44,34 @@ def tiny_config(records_dir: str, **train_overrides):
     for k, v in train_overrides.items():
         setattr(c.train, k, v)
     return c
+
+
+VOCAB = 11
+
+
+def global_batch(batch=8, captions=2, time=6, image_size=32):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, [batch, image_size, image_size, 3]).astype(np.float32)
+    tokens = np.zeros([batch, captions, time], np.int32)
+    for b in range(batch):
+        for c in range(captions):
+            n = rng.integers(0, time - 1)  # some captions empty; real tokens fall unevenly across replicas
+            if b == 0 and c == 1:
+                n = 0
+            if n:
+                tokens[b, c, 0] = 1
+                tokens[b, c, 1:n] = rng.integers(4, VOCAB, n - 1)
+                tokens[b, c, n] = 2
+    return {"images": images, "captions": tokens}
+
+
+def train_tiny(strategy, steps=2, **overrides):
+    config = tiny_config("unused", **overrides)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model(config.model, VOCAB)
+    trainer = Trainer(strategy, model, config.train)
+    ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
+    iterator = iter(strategy.experimental_distribute_dataset(ds))
+    metrics = trainer.train_loop(iterator, steps)
+    return metrics, [v.numpy() for v in model.trainable_variables]

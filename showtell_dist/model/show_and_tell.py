@@ -42,6 +42,11 @@ class ShowAndTell(keras.Model):
         self.decode_sequence(state, tf.zeros([1, 2], tf.int32))
         return self
 
+    def rng_state_variables(self) -> list:
+        """Dropout's random-generator states: Keras does not expose them to tf.train.Checkpoint
+        through the model, so they are checkpointed explicitly for an exact resume."""
+        return [v for v in self.variables if v.path.endswith("seed_generator_state")]
+
     def encode(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         """[batch, H, W, 3] 0..255 -> [batch, feature_dim]."""
         # A frozen encoder always runs in inference mode (batch-norm statistics fixed).

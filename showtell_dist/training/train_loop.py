@@ -16,7 +16,6 @@ import time
 
 import keras
 import tensorflow as tf
-from absl import logging
 from tqdm import tqdm
 
 from showtell_dist.data import pipeline
@@ -67,7 +66,8 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         model = build_model(config.model, tokenizer.vocab_size)
     trainer = Trainer(strategy, model, config.train, mixed_precision=policy or None,
                       jit_compile=config.train.jit_compile)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step,
+                                     rng_state=model.rng_state_variables())
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
 
 
@@ -95,9 +95,13 @@ def _num_input_pipelines(strategy) -> int:
     return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
 
 
-def train(config, strategy: tf.distribute.Strategy, model_dir: str, *,
-          show_progress: bool = True) -> tuple[dict, Experiment]:
-    """Trains (or resumes) the experiment; returns the final metrics and the experiment."""
+def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_progress: bool = True,
+          stop_at_step: int | None = None, log=print) -> tuple[dict, Experiment]:
+    """Trains (or resumes) the experiment; returns the final metrics and the experiment.
+
+    stop_at_step: end this invocation (with a checkpoint) at that step, before
+      config.train.steps; a later call resumes from there. For time-sliced jobs.
+    """
     chief = is_chief(strategy)
     exp = build_experiment(config, strategy)
     prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
@@ -105,7 +109,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *,
                                          max_to_keep=config.train.keep_checkpoints)
     if manager.latest_checkpoint:
         exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint, exp.trainer.current_step())
+        log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()}")
     start = exp.trainer.current_step()
     total = config.train.steps
     spec = pipeline_spec(config, exp.manifest, "train")
@@ -118,9 +122,10 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *,
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
                mininterval=2.0, dynamic_ncols=True)
     step = start
+    end = min(total, stop_at_step) if stop_at_step else total
     with PreemptionWatcher() as preemption:
-        while step < total:
-            n = min(config.train.steps_per_loop, total - step)
+        while step < end:
+            n = min(config.train.steps_per_loop, end - step)
             if config.train.checkpoint_every:
                 n = min(n, config.train.checkpoint_every - step % config.train.checkpoint_every)
             if config.train.eval_every:
@@ -140,18 +145,18 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *,
             bar.update(n)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{metrics['images_per_s']:.0f}")
             at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if at_checkpoint or step == total or preemption.requested:
+            if at_checkpoint or step == end or preemption.requested:
                 manager.save(checkpoint_number=step)
             if preemption.requested:
                 bar.close()
-                logging.warning("SIGTERM: saved a checkpoint at step %d in %s; stopping.", step, model_dir)
+                log(f"SIGTERM: saved a checkpoint at step {step} in {model_dir}; stopping.")
                 metrics["preempted"] = True
                 return metrics, exp
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
-                _log_eval(exp, strategy, eval_writer, step, metrics)
+                _log_eval(exp, strategy, eval_writer, step, metrics, lambda m: bar.write(m))
     bar.close()
-    if "val" in exp.manifest["splits"]:
-        _log_eval(exp, strategy, eval_writer, step, metrics)
+    if step == total and "val" in exp.manifest["splits"]:
+        _log_eval(exp, strategy, eval_writer, step, metrics, log)
     writer.flush()
     eval_writer.flush()
     return metrics, exp
@@ -169,7 +174,7 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
 
 
-def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict) -> None:
+def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict, log) -> None:
     if "val" not in exp.manifest["splits"]:
         return
     max_images = exp.config.train.eval_max_images or None
@@ -178,4 +183,4 @@ def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict) -> No
     with writer.as_default(step=step):
         tf.summary.scalar("loss", val["loss"])
         tf.summary.scalar("perplexity", val["perplexity"])
-    logging.info("step %d: val loss %.4f, perplexity %.2f", step, val["loss"], val["perplexity"])
+    log(f"step {step}: val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}")
