@@ -1,0 +1,78 @@
+"""MultiWorkerMirroredStrategy for real: two worker processes on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tiny_setup import REPO_ROOT
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _final_weights(checkpoint_dir):
+    path = tf.train.latest_checkpoint(checkpoint_dir)
+    assert path, f"no checkpoint in {checkpoint_dir}"
+    reader = tf.train.load_checkpoint(path)
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n.startswith("model/"))
+    return int(path.rsplit("-", 1)[1]), {n: reader.get_tensor(n) for n in names}
+
+
+@pytest.mark.slow
+def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_path):
+    records, _ = tiny_dataset
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    model_dir = str(tmp_path / "run")
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        args = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), "--strategy=multi_worker",
+                f"--model_dir={model_dir}", f"--config.data.records_dir={records}",
+                "--config.data.generate_synthetic=False", "--config.model.image_size=32",
+                "--config.model.units=16", "--config.model.embed_dim=8", "--config.train.global_batch_size=8",
+                "--config.train.steps=6", "--config.train.steps_per_loop=2", "--config.train.checkpoint_every=0",
+                "--config.train.eval_every=0", "--num_examples=0"]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    assert "final: step 6" in outputs[0] and "val_loss" in outputs[0]
+    step0, chief = _final_weights(os.path.join(model_dir, "checkpoints"))
+    step1, other = _final_weights(os.path.join(model_dir, "checkpoints_worker_1"))
+    assert step0 == step1 == 6
+    assert chief.keys() == other.keys() and chief
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
+    from showtell_dist.distribute.strategy import create_strategy
+    from showtell_dist.errors import ConfigError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        create_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG is not valid"):
+        create_strategy("multi_worker")
