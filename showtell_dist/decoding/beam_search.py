@@ -345,7 +345,7 @@ def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len
         has K finished hypotheses; alive hypotheses at -inf can never improve.
         """
         best_alive = tf.reduce_max(s.alive_log_probs, axis=1)  # [batch]
-        max_pen = penalty(s.t + 1)  # []
+        max_pen = tf.maximum(penalty(s.t + 1), penalty(max_len))  # []
         bound = best_alive / max_pen  # [batch]
         worst_finished = tf.reduce_min(s.finished_scores, axis=1)  # [batch]
         return bound > worst_finished

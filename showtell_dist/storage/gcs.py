@@ -386,7 +386,7 @@ def upload_directory(
                 if time.monotonic() + sleep > deadline:
                     raise UploadError(
                         f"upload of {path} to gs://{bucket_name}/{name} still failing "
-                        f"after {attempt} attempts in {retry_deadline_s:.0f}s "
+                        f"after {attempt} attempts in {retry_deadline_s:g}s "
                         f"(last error: {type(e).__name__}: {e}): Cloud Storage or "
                         "the network is unhealthy; re-run the same command to resume "
                         "(completed files are skipped)"

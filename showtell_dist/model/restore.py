@@ -1,0 +1,54 @@
+"""Rebuilds a trained model from its model_dir: config.json + vocab.json + a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_collections
+import tensorflow as tf
+
+from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.errors import ConfigError
+from showtell_dist.model.show_and_tell import ShowAndTell, build_model
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    model: ShowAndTell
+    tokenizer: Tokenizer
+    config: ml_collections.ConfigDict
+    checkpoint_path: str
+    step: int
+
+
+def load_trained_model(model_dir: str, checkpoint: str | None = None,
+                       strategy: tf.distribute.Strategy | None = None) -> TrainedModel:
+    """The model of `model_dir` with the weights of `checkpoint` (default: the latest).
+
+    `checkpoint` may be a checkpoint prefix (model_dir/checkpoints/ckpt-500) or
+    a directory holding checkpoints. Variables are created in `strategy`'s
+    scope when one is given, so the model can decode under it.
+    """
+    config_path = f"{model_dir.rstrip('/')}/config.json"
+    if not tf.io.gfile.exists(config_path):
+        raise ConfigError(f"{config_path} does not exist: {model_dir} is not a model directory written by "
+                          "launch/train.py.")
+    with tf.io.gfile.GFile(config_path) as f:
+        config = ml_collections.ConfigDict(json.loads(f.read()))
+    tokenizer = Tokenizer.load(f"{model_dir.rstrip('/')}/vocab.json")
+    path = checkpoint or f"{model_dir.rstrip('/')}/checkpoints"
+    if tf.io.gfile.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise ConfigError(f"no checkpoint in {path}; train first or pass --checkpoint=PREFIX.")
+        path = latest
+    elif not tf.io.gfile.glob(path + ".index"):
+        raise ConfigError(f"checkpoint {path} does not exist (no {path}.index).")
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.encoder_weights = ""  # every weight comes from the checkpoint
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_model(model_config, tokenizer.vocab_size)
+    step = tf.Variable(0, dtype=tf.int64)
+    tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
+    return TrainedModel(model, tokenizer, config, path, int(step.numpy()))
