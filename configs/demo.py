@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.units = 256
     c.model.embed_dim = 128
     c.model.dropout = 0.1
+    c.model.feature_norm = "batch"    # "batch" (synchronised), "layer" or "none"
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32

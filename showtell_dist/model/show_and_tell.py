@@ -14,19 +14,33 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.errors import ConfigError
 from showtell_dist.model.encoders import build_encoder
+
+
+FEATURE_NORMS = ("batch", "layer", "none")
 
 
 class ShowAndTell(keras.Model):
     def __init__(self, *, vocab_size: int, encoder: str = "small_cnn", encoder_weights: str | None = None,
                  encoder_trainable: bool = True, image_size: int | None = None, units: int = 512,
-                 embed_dim: int = 512, dropout: float = 0.3, **kwargs):
+                 embed_dim: int = 512, dropout: float = 0.3, feature_norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
         self.encoder = build_encoder(encoder, image_size=image_size, weights=encoder_weights)
         self.encoder.trainable = encoder_trainable
         self.encoder_trainable = encoder_trainable
         self.image_size = self.encoder.input_shape[1]
         self.units = units
+        if feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        # Raw CNN features share a large component across images; Dense(tanh) learns to use it as a
+        # constant and saturates (|h0| -> 1 for every image), after which captions ignore the image.
+        # Standardising each feature across the batch (synchronised over replicas, so N replicas
+        # still equal one device) removes that shared component and keeps h0 image-specific.
+        self.feature_norm = {
+            "batch": lambda: keras.layers.BatchNormalization(synchronized=True, name="feature_norm"),
+            "layer": lambda: keras.layers.LayerNormalization(name="feature_norm"),
+            "none": lambda: None}[feature_norm]()
         self.init_dense = keras.layers.Dense(units, activation="tanh", name="init_state")
         self.init_dropout = keras.layers.Dropout(dropout)
         self.embedding = keras.layers.Embedding(vocab_size, embed_dim, name="embedding")
@@ -54,6 +68,8 @@ class ShowAndTell(keras.Model):
 
     def initial_state(self, features: tf.Tensor, training: bool = False, repeats: int = 1):
         """[batch, feature_dim] -> (h, c), each [batch * repeats, units]."""
+        if self.feature_norm is not None:
+            features = self.feature_norm(features, training=training)
         h = self.init_dense(features)
         if repeats > 1:
             h = tf.repeat(h, repeats, axis=0)
@@ -85,4 +101,5 @@ def build_model(model_config, vocab_size: int) -> ShowAndTell:
                        encoder_weights=model_config.encoder_weights or None,
                        encoder_trainable=model_config.encoder_trainable,
                        image_size=model_config.image_size or None, units=model_config.units,
-                       embed_dim=model_config.embed_dim, dropout=model_config.dropout).build_all()
+                       embed_dim=model_config.embed_dim, dropout=model_config.dropout,
+                       feature_norm=model_config.get("feature_norm", "batch")).build_all()
