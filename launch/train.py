@@ -25,6 +25,8 @@ _JIT = flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (overr
 _MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "mixed_float16", "mixed_bfloat16"],
                            "Mixed-precision policy (overrides the config).")
 _SAMPLES = flags.DEFINE_integer("num_examples", None, "Held-out images to caption at the end.")
+_STOP_AT = flags.DEFINE_integer("stop_at_step", None, "End this run (with a checkpoint) at this step; "
+                                "a later run resumes. For time-sliced jobs.")
 cli.define_strategy_flags()
 
 
@@ -45,7 +47,7 @@ def main(argv):
         ensure_prepared(config)
         print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
               f"model_dir: {model_dir}", flush=True)
-        metrics, experiment = train_loop.train(config, strategy, model_dir)
+        metrics, experiment = train_loop.train(config, strategy, model_dir, stop_at_step=_STOP_AT.value)
         if not is_chief(strategy):
             return
         print(cli.format_metrics(metrics), flush=True)

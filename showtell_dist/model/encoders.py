@@ -17,12 +17,22 @@ IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299}
 
 
 def _small_cnn(image_size: int) -> keras.Model:
-    """Four strided convolutions, flattened so that position survives (for the demo)."""
+    """A small CNN for tests and the demo: what is in the image and where.
+
+    Three strided conv-BN-ReLU blocks; the features are the global max over
+    positions (which colours and shapes are present, wherever they are) next to
+    a coarse flattened map (where things are). Batch norm is synchronised
+    across replicas so that N replicas compute what one device computes.
+    """
     inputs = keras.Input([image_size, image_size, 3])
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
-    for filters in (32, 64, 64, 64):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Flatten()(x), name="small_cnn")
+    for filters in (32, 64, 128):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(synchronized=True)(x)
+        x = keras.layers.ReLU()(x)
+    what = keras.layers.GlobalMaxPooling2D()(x)  # [batch, 128]
+    where = keras.layers.Flatten()(keras.layers.Conv2D(16, 1, activation="relu")(x))  # [batch, (size/8)^2 * 16]
+    return keras.Model(inputs, keras.layers.Concatenate()([what, where]), name="small_cnn")
 
 
 def _application(name: str, image_size: int, weights: str | None) -> keras.Model:

@@ -24,6 +24,7 @@ from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.distribute.strategy import is_chief
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
+from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import Trainer
@@ -59,6 +60,9 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         raise ConfigError(f"global_batch_size {config.train.global_batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas of the strategy.")
     manifest = load_manifest(config.data.records_dir)
+    # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
+    validate_dataset(config.data.records_dir, manifest,
+                     splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{config.data.records_dir}/{VOCABULARY}")
     keras.mixed_precision.set_global_policy(policy or "float32")
     keras.utils.set_random_seed(config.train.seed)
