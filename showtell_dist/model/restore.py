@@ -50,5 +50,9 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(model_config, tokenizer.vocab_size)
     step = tf.Variable(0, dtype=tf.int64)
-    tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
+    try:
+        tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as exc:
+        raise ConfigError(f"checkpoint {path} does not fit the model described by {config_path} "
+                          f"(was it written by another version or config?): {exc}") from exc
     return TrainedModel(model, tokenizer, config, path, int(step.numpy()))

@@ -1,0 +1,49 @@
+"""Exports a trained model as a SavedModel that captions encoded images (JPEG/PNG bytes).
+
+  python launch/export.py --model_dir=runs/f8k                     # -> runs/f8k/export
+  python launch/export.py --model_dir=runs/f8k --checkpoint=runs/f8k/checkpoints/ckpt-500 \
+      --export_dir=/tmp/captioner --beam_width=5
+
+Load it with TensorFlow alone:
+  m = tf.saved_model.load(export_dir)
+  out = m.signatures["serving_default"](images=tf.constant([open("a.jpg", "rb").read()]))
+  out["captions"], out["scores"]   # [n, beam_width], best first
+
+A batch containing bytes that are not an image fails as a whole with TensorFlow's
+InvalidArgumentError.
+"""
+
+import _bootstrap  # noqa: F401  (puts the repo on sys.path)
+from absl import app, flags
+
+import cli
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory (default: the latest in "
+                                  "model_dir/checkpoints).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where to write the SavedModel (default: model_dir/export).")
+_BEAM_WIDTH = flags.DEFINE_integer("beam_width", 3, "Captions per image (beam size).")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Maximum generated tokens incl. <end> (default: the "
+                                "vocabulary's max_len - 1).")
+_NORM = flags.DEFINE_enum("length_normalization", "average", ["average", "gnmt", "none"],
+                          "How beam search ranks captions of different lengths.")
+flags.mark_flag_as_required("model_dir")
+
+
+def main(argv):
+    del argv
+    export_dir = _EXPORT_DIR.value or f"{_MODEL_DIR.value.rstrip('/')}/export"
+    with cli.user_errors():
+        from showtell_dist.export import export_saved_model
+        from showtell_dist.model.restore import load_trained_model
+
+        trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
+        export_saved_model(trained, export_dir, beam_width=_BEAM_WIDTH.value, max_len=_MAX_LEN.value,
+                           length_normalization=_NORM.value)
+    print(f"exported {trained.checkpoint_path} (step {trained.step}) to {export_dir}: signature "
+          f"serving_default(images: string[n]) -> captions string[n, {_BEAM_WIDTH.value}], "
+          f"scores float32[n, {_BEAM_WIDTH.value}]", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,159 @@
+"""Exports a trained captioner as a SavedModel that captions encoded images.
+
+    export_saved_model(load_trained_model("runs/f8k"), "runs/f8k/export", beam_width=3)
+
+    # in any process that has TensorFlow (no showtell_dist, no tensorflow_text):
+    captioner = tf.saved_model.load("runs/f8k/export")
+    out = captioner.signatures["serving_default"](images=tf.constant([jpeg_bytes, png_bytes]))
+    out["captions"]  # tf.string [n, beam_width], best first
+    out["scores"]    # float32  [n, beam_width], length-normalised log-probabilities, descending
+
+Everything runs inside the serving graph: image decoding (JPEG, PNG, GIF's
+first frame, BMP) and resizing as in training, the encoder, beam search (one
+`tf.while_loop`) and detokenisation (a `tf.gather` over the vocabulary, kept
+as a graph constant, then `tf.strings.reduce_join` over a ragged tensor).
+The export needs only core TensorFlow ops, so the loader imports nothing but
+`tensorflow`. The vocabulary is also written to `assets/vocab.json`.
+
+Decoding follows `Tokenizer.decode`: tokens after the first end token are
+dropped, so are the padding and start ids; the start and unknown tokens are
+never generated (they are forbidden in beam search). A row of `captions` that
+beam search could not fill (fewer than beam_width distinct captions exist) is
+the empty string with score -inf.
+
+A bad image in the batch (bytes that are not an image) makes the whole call
+fail with TensorFlow's `InvalidArgumentError` (e.g. "Unknown image file
+format"); callers that take untrusted bytes should validate them first or
+caption one image per call.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import tensorflow as tf
+
+from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
+from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS, beam_search
+from showtell_dist.errors import ConfigError
+
+SIGNATURE_KEY = "serving_default"
+INPUT_KEY = "images"
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image bytes (JPEG, PNG, GIF, BMP) -> [image_size, image_size, 3] float32 in 0..255.
+
+    The same resize as `pipeline.decode_image` (bilinear with antialiasing,
+    clipped to 0..255), so a JPEG is fed to the encoder as in training.
+    """
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)  # [h, w, 3] uint8
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _detokenize(words: tf.Tensor, tokens: tf.Tensor) -> tf.Tensor:
+    """tokens [batch, beam, time] int32 -> captions [batch, beam] tf.string (words joined by spaces)."""
+    shape = tf.shape(tokens)
+    flat = tf.reshape(tokens, [-1, shape[2]])  # [batch * beam, time]
+    is_end = tf.equal(flat, END_ID)
+    before_end = tf.equal(tf.cumsum(tf.cast(is_end, tf.int32), axis=1), 0)  # [batch * beam, time]
+    keep = before_end & tf.not_equal(flat, PAD_ID) & tf.not_equal(flat, START_ID)
+    # Ids outside the vocabulary cannot come out of the logits layer; clip anyway for a safe gather.
+    ids = tf.clip_by_value(flat, 0, tf.shape(words)[0] - 1)
+    kept = tf.ragged.boolean_mask(tf.gather(words, ids), keep)  # [batch * beam, (words)]
+    joined = tf.strings.reduce_join(kept, axis=1, separator=" ")  # [batch * beam]
+    return tf.reshape(joined, shape[:2])  # [batch, beam]
+
+
+class CaptionModule(tf.Module):
+    """The exported object: the model's variables, the vocabulary and the serving function."""
+
+    def __init__(self, model, words: list[str], *, beam_width: int, max_len: int, length_normalization: str):
+        super().__init__(name="captioner")
+        self.model = model
+        self.image_size = int(model.image_size)
+        self.vocab_size = len(words)
+        self.beam_width = beam_width
+        self.max_len = max_len
+        self.length_normalization = length_normalization
+        self._words = tf.constant(words, tf.string)  # [vocab]
+        # Plain attributes for the loader (restored as tf.Variables, read with .numpy()).
+        self.words = tf.Variable(self._words, trainable=False, name="words")
+        self.config = {"beam_width": tf.Variable(beam_width, trainable=False, name="beam_width"),
+                       "max_len": tf.Variable(max_len, trainable=False, name="max_len"),
+                       "image_size": tf.Variable(self.image_size, trainable=False, name="image_size")}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
+    def serve(self, images):
+        """images: tf.string [n] encoded images -> {"captions": [n, K] tf.string, "scores": [n, K] float32}."""
+        pixels = tf.map_fn(lambda b: decode_and_resize(b, self.image_size), images,
+                           fn_output_signature=tf.TensorSpec([self.image_size, self.image_size, 3], tf.float32))
+        result = self.caption_pixels(pixels)
+        captions = tf.ensure_shape(_detokenize(self._words, result.tokens), [None, self.beam_width])
+        scores = tf.ensure_shape(result.scores, [None, self.beam_width])
+        return {"captions": captions, "scores": scores}
+
+    def caption_pixels(self, pixels: tf.Tensor):
+        """[n, size, size, 3] float 0..255 -> BeamSearchResult (the same search the signature runs)."""
+        state = self.model.initial_state(self.model.encode(pixels, training=False), training=False)
+        return beam_search(self.model.decode_step, state, beam_width=self.beam_width, max_len=self.max_len,
+                           start_id=START_ID, end_id=END_ID, vocab_size=self.vocab_size,
+                           forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization)
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer.")
+    return value
+
+
+def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = None,
+                         length_normalization: str = "average") -> CaptionModule:
+    """The module `export_saved_model` saves (also usable in-process)."""
+    tokenizer = trained.tokenizer
+    beam_width = _check_positive("beam_width", beam_width)
+    if max_len is None:
+        max_len = tokenizer.max_len - 1  # generated tokens: the words and <end>, not <start>
+    max_len = _check_positive("max_len", max_len)
+    if length_normalization not in LENGTH_NORMALIZATIONS:
+        raise ConfigError(f"length_normalization={length_normalization!r} is not supported; use one of "
+                          f"{', '.join(LENGTH_NORMALIZATIONS)}.")
+    vocab_size = int(trained.model.logits.units)
+    if vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"the model has {vocab_size} output classes but its vocabulary has "
+                          f"{tokenizer.vocab_size} words: the model_dir's vocab.json does not belong to its "
+                          "checkpoint; restore both from the same training run.")
+    return CaptionModule(trained.model, list(tokenizer.words), beam_width=beam_width, max_len=max_len,
+                         length_normalization=length_normalization)
+
+
+def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len: int | None = None,
+                       length_normalization: str = "average") -> None:
+    """Writes a SavedModel of `trained` (a `TrainedModel`) to `export_dir` (local or gs://).
+
+    Signature "serving_default": images tf.string [None] (encoded JPEG/PNG
+    bytes) -> captions tf.string [None, beam_width] (best first) and scores
+    float32 [None, beam_width] (descending).
+
+    Args:
+      trained: from `showtell_dist.model.restore.load_trained_model`.
+      export_dir: output directory; an existing SavedModel there is overwritten.
+      beam_width: captions per image.
+      max_len: maximum generated tokens incl. the end token; default the
+        tokenizer's max_len - 1 (the longest training caption).
+      length_normalization: "average", "gnmt" or "none" (see beam_search).
+    """
+    module = build_caption_module(trained, beam_width=beam_width, max_len=max_len,
+                                  length_normalization=length_normalization)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path = os.path.join(tmp, "vocab.json")
+        trained.tokenizer.save(vocab_path)
+        module.vocab_file = tf.saved_model.Asset(vocab_path)
+        try:
+            tf.io.gfile.makedirs(export_dir)
+        except tf.errors.OpError as exc:
+            raise ConfigError(f"cannot create export directory {export_dir}: {exc.message}") from exc
+        signature = module.serve.get_concrete_function()
+        tf.saved_model.save(module, export_dir, signatures={SIGNATURE_KEY: signature})
