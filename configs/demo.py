@@ -38,9 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32
-    c.train.steps = 2000
+    c.train.steps = 2500
     c.train.steps_per_loop = 50
-    c.train.learning_rate = 3e-3
+    c.train.learning_rate = 2e-3
     c.train.warmup_steps = 100
     c.train.final_lr_ratio = 0.05
     c.train.clip_norm = 5.0
