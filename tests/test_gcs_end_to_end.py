@@ -93,3 +93,16 @@ def test_manifest_mismatch_in_the_bucket_stops_training_before_step_one(gs_recor
         assert not _objects(gcs_emulator, prefix + "/run_bad/checkpoints/")
     finally:
         bucket.blob(shard).upload_from_string(data)
+
+
+def test_upload_data_launcher_resumes_and_validates(tiny_dataset, gcs_emulator, gs_env):
+    records, manifest = tiny_dataset
+    url = f"gs://{gcs_emulator.bucket}/upload-{uuid.uuid4().hex[:8]}"
+    files = len(os.listdir(records))
+    proc, out = _launch(gs_env, "upload_data.py", f"--local_dir={records}", f"--gs_url={url}")
+    assert proc.returncode == 0, out[-4000:]
+    assert f"uploaded {files} file(s), 0 already complete" in out and "matches its manifest" in out
+    proc, out = _launch(gs_env, "upload_data.py", f"--local_dir={records}", f"--gs_url={url}")
+    assert proc.returncode == 0 and f"uploaded 0 file(s), {files} already complete" in out
+    proc, out = _launch(gs_env, "upload_data.py", f"--local_dir={records}/nothing", f"--gs_url={url}")
+    assert proc.returncode == 2 and "manifest.json does not exist" in out
