@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source_dir = "data_cache/shapes/raw"       # a dataset in any supported layout
     c.data.records_dir = "data_cache/shapes/records"  # prepared shards (local or gs://)
+    c.data.features_dir = ""                          # a frozen encoder's features cache, "" to train on images
     c.data.layout = "auto"
     c.data.image_dir = ""
     c.data.generate_synthetic = True                  # generate source_dir if it is absent

@@ -21,7 +21,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (e.g. <
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the prepared records to caption.")
 _BEAM = flags.DEFINE_integer("beam_width", 3, "Beam width (1 = greedy).")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Caption only the first N images of the split.")
-_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records. Default: the run's data.records_dir.")
+_RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records, or a features cache made from them for "
+                                   "the run's frozen encoder. Default: the run's data.features_dir when that "
+                                   "cache exists, else its data.records_dir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split>.")
 _NORM = flags.DEFINE_enum("length_normalization", "average", ["none", "average", "gnmt"],
                           "How beam hypotheses are ranked: summed log-prob, per token, or GNMT penalty.")
@@ -32,6 +34,15 @@ _METEOR = flags.DEFINE_bool("meteor", True, "Compute METEOR (~10 s to start its 
 _REPORT = flags.DEFINE_integer("report_images", 10, "Best and worst images shown in report.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 cli.define_strategy_flags()
+
+
+def _default_data_dir(config) -> str:
+    import tensorflow as tf
+
+    features_dir = config.data.get("features_dir", "")
+    if features_dir and tf.io.gfile.exists(f"{features_dir.rstrip('/')}/manifest.json"):
+        return features_dir  # the encoder's features, cached: decoding skips the encoder
+    return config.data.records_dir
 
 
 def main(argv):
@@ -45,7 +56,7 @@ def main(argv):
         check_java()
         model_dir = _MODEL_DIR.value.rstrip("/")
         trained = load_trained_model(model_dir, _CHECKPOINT.value, strategy)
-        records_dir = _RECORDS_DIR.value or trained.config.data.records_dir
+        records_dir = _RECORDS_DIR.value or _default_data_dir(trained.config)
         output_dir = _OUTPUT_DIR.value or f"{model_dir}/eval_{_SPLIT.value}"
         print(f"checkpoint {trained.checkpoint_path} (step {trained.step}); {_SPLIT.value} split of {records_dir}; "
               f"beam width {_BEAM.value}; {type(strategy).__name__} with {strategy.num_replicas_in_sync} "

@@ -5,7 +5,9 @@
   python launch/train.py --config.train.steps=500 --strategy=mirrored --num_cpu_devices=2
 
 With the default config it generates the synthetic shapes dataset if absent,
-prepares records, trains, and prints greedy captions for held-out images.
+prepares records, trains, and prints greedy captions for held-out images. A
+config with data.features_dir (e.g. flickr8k_mobilenet.py) also caches the
+frozen encoder's features there if absent, and trains from them.
 """
 
 import os
@@ -40,11 +42,13 @@ def main(argv):
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
         strategy = cli.strategy_from_flags()
+        from showtell_dist.data.feature_cache import ensure_features
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.distribute.strategy import is_chief
         from showtell_dist.training import train_loop
 
         ensure_prepared(config)
+        ensure_features(config, strategy)  # with config.data.features_dir: the frozen encoder's features, once
         print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
               f"model_dir: {model_dir}", flush=True)
         metrics, experiment = train_loop.train(config, strategy, model_dir, stop_at_step=_STOP_AT.value)

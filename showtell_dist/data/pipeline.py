@@ -8,6 +8,10 @@ each image once and its captions share that encoding:
             zeros is a missing caption and carries no loss
   image_id  [batch] string
 
+Over a features cache (a manifest with "kind": "features", see
+feature_cache.py) an element carries `features` [batch, dim] float32, the
+frozen encoder's output, instead of `images`; everything else is the same.
+
 Pipelines are built per input pipeline (one per worker) through
 `strategy.distribute_datasets_from_function`, sharded by file when there are
 enough files and by record otherwise. Training order is a pure function of the
@@ -52,8 +56,25 @@ def shard_files(manifest: dict, spec: PipelineSpec) -> list[str]:
 def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
     """JPEG bytes -> [image_size, image_size, 3] float32 in 0..255."""
     image = tf.io.decode_jpeg(jpeg, channels=3)
-    image = tf.image.resize(image, [image_size, image_size], antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    shape = tf.shape(image)
+
+    def resize():
+        return tf.clip_by_value(tf.image.resize(image, [image_size, image_size], antialias=True), 0.0, 255.0)
+
+    # Records prepared at the encoder's size (the usual case) skip the resize entirely.
+    same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+    image = tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def manifest_kind(manifest: dict) -> str:
+    """"images" (prepared records; their manifests have no "kind") or "features" (a features cache)."""
+    return manifest.get("kind", "images")
+
+
+def feature_dim(manifest: dict) -> int | None:
+    """The features' dimension of a features cache, None for image records."""
+    return int(manifest["features"]["dim"]) if manifest_kind(manifest) == "features" else None
 
 
 def _caption_matrix(ragged: tf.RaggedTensor, spec: PipelineSpec, seed=None) -> tf.Tensor:
@@ -69,9 +90,29 @@ def _caption_matrix(ragged: tf.RaggedTensor, spec: PipelineSpec, seed=None) -> t
 
 
 def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
-    return {"images": decode_image(parsed["jpeg"], spec.image_size),
-            "captions": _caption_matrix(parsed["captions"], spec, seed),
+    if "features" in parsed:
+        inputs = {"features": parsed["features"]}
+    else:
+        inputs = {"images": decode_image(parsed["jpeg"], spec.image_size)}
+    return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed),
             "image_id": parsed["image_id"]}
+
+
+def _parser(manifest: dict):
+    """fn(serialized) -> parsed example, for the manifest's kind of records."""
+    dim = feature_dim(manifest)
+    if dim is None:
+        return records.parse_example
+    return lambda serialized: records.parse_features_example(serialized, dim)
+
+
+def _empty_element(manifest: dict, spec: PipelineSpec) -> dict:
+    """A padding element: no image (zeros), no captions, image_id ""."""
+    dim = feature_dim(manifest)
+    inputs = ({"images": tf.zeros([spec.image_size, spec.image_size, 3])} if dim is None
+              else {"features": tf.zeros([dim])})
+    return {**inputs, "captions": tf.zeros([spec.captions_per_image, spec.max_len], tf.int32),
+            "image_id": tf.constant("")}
 
 
 def _records(files: list[str], context: tf.distribute.InputContext, spec: PipelineSpec, shuffle: bool):
@@ -95,6 +136,7 @@ def _records(files: list[str], context: tf.distribute.InputContext, spec: Pipeli
 def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
     """Returns fn(InputContext) -> infinite shuffled dataset of per-replica batches."""
     files = shard_files(manifest, spec)
+    parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(spec.global_batch_size)
@@ -104,7 +146,7 @@ def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
 
         def parse(position, serialized):
             seed = tf.stack([tf.constant(spec.seed, tf.int64), position])
-            return _to_element(records.parse_example(serialized), spec, seed)
+            return _to_element(parse_example(serialized), spec, seed)
 
         ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -130,18 +172,16 @@ def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = N
     that every worker runs the same number of steps (`eval_steps`).
     """
     files = shard_files(manifest, spec)
+    parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(spec.global_batch_size)
         ds = _records(files, context, spec, shuffle=False)
         if max_images is not None:
             ds = ds.take(math.ceil(max_images / context.num_input_pipelines))
-        ds = ds.map(lambda s: _to_element(records.parse_example(s), spec),
+        ds = ds.map(lambda s: _to_element(parse_example(s), spec),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        empty = {"images": tf.zeros([spec.image_size, spec.image_size, 3]),
-                 "captions": tf.zeros([spec.captions_per_image, spec.max_len], tf.int32),
-                 "image_id": tf.constant("")}
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat())
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(_empty_element(manifest, spec)).repeat())
         return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     return input_fn

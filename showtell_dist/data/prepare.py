@@ -68,6 +68,15 @@ def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: di
         serialized.append(records.encode_example(entry.image_id, jpeg, height, width,
                                                  token_ids[entry.image_id], entry.captions))
         num_captions += len(entry.captions)
+    size, md5 = write_records_atomically(path, serialized)
+    info = {"file": path.rsplit("/", 1)[-1], "records": len(serialized),
+            "captions": num_captions,
+            "bytes": size, "md5": md5}
+    return info, skipped
+
+
+def write_records_atomically(path: str, serialized: Sequence[bytes]) -> tuple[int, str]:
+    """Writes a TFRecord file under a temporary name, then renames it; returns (bytes, base64 md5)."""
     # TFRecord framing is cheap to compute but we let TF write it; the bytes are
     # read back only to checksum a local temporary file, never a remote one.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -77,10 +86,7 @@ def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: di
     with tf.io.gfile.GFile(tmp, "rb") as f:
         data = f.read()
     tf.io.gfile.rename(tmp, path, overwrite=True)
-    info = {"file": path.rsplit("/", 1)[-1], "records": len(serialized),
-            "captions": num_captions,
-            "bytes": len(data), "md5": _md5_base64(data)}
-    return info, skipped
+    return len(data), _md5_base64(data)
 
 
 def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | None = None,

@@ -8,6 +8,11 @@ Features of an example:
   caption/lengths    int64[] one length per caption (sums to len(token_ids))
   caption/text       bytes[] the raw captions (references for evaluation)
 
+A features cache (`feature_cache.py`) holds the same examples with the image
+replaced by the frozen encoder's output:
+  image/id, caption/token_ids, caption/lengths, caption/text   as above
+  image/features     bytes   float16 [dim], little-endian raw bytes
+
 Shards are named `{split}-{index:05d}-of-{count:05d}.tfrecord`.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 SHARD_PATTERN = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
@@ -69,5 +75,42 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         "image_id": ex["image/id"],
         "jpeg": ex["image/encoded"],
         "captions": tf.RaggedTensor.from_row_lengths(ids, lengths),  # [num_captions, (len)]
+        "caption_text": tf.sparse.to_dense(ex["caption/text"], default_value=""),
+    }
+
+
+def features_example(image_example: bytes, features) -> bytes:
+    """An image example with its image replaced by `features` (a float [dim] array, stored as float16).
+
+    The id and captions are copied through unchanged.
+    """
+    src = tf.train.Example.FromString(image_example)
+    out = tf.train.Example()
+    for key in ("image/id", "caption/token_ids", "caption/lengths", "caption/text"):
+        out.features.feature[key].CopyFrom(src.features.feature[key])
+    raw = np.asarray(features, dtype="<f2").tobytes()
+    out.features.feature["image/features"].bytes_list.value.append(raw)
+    return out.SerializeToString()
+
+
+_FEATURES_FEATURES = {
+    "image/id": tf.io.FixedLenFeature([], tf.string),
+    "image/features": tf.io.FixedLenFeature([], tf.string),
+    "caption/token_ids": tf.io.VarLenFeature(tf.int64),
+    "caption/lengths": tf.io.VarLenFeature(tf.int64),
+    "caption/text": tf.io.VarLenFeature(tf.string),
+}
+
+
+def parse_features_example(serialized: tf.Tensor, dim: int) -> dict[str, tf.Tensor]:
+    """Parses one features-cache example: like `parse_example`, with `features` [dim] float32 for `jpeg`."""
+    ex = tf.io.parse_single_example(serialized, _FEATURES_FEATURES)
+    ids = tf.cast(tf.sparse.to_dense(ex["caption/token_ids"]), tf.int32)
+    lengths = tf.sparse.to_dense(ex["caption/lengths"])
+    features = tf.io.decode_raw(ex["image/features"], tf.float16, little_endian=True)
+    return {
+        "image_id": ex["image/id"],
+        "features": tf.ensure_shape(tf.cast(features, tf.float32), [dim]),
+        "captions": tf.RaggedTensor.from_row_lengths(ids, lengths),
         "caption_text": tf.sparse.to_dense(ex["caption/text"], default_value=""),
     }

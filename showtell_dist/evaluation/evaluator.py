@@ -13,6 +13,10 @@ once and beam-searches all of them together (`beam_search` over
 results are brought to the host with `strategy.experimental_local_results`,
 padding rows dropped, and token ids turned into words by the tokenizer.
 
+`records_dir` may also be a features cache (feature_cache.py) that fits the
+model's frozen encoder: batches then carry the encoder's features and decoding
+starts from them.
+
 `evaluate_split` then reads the references (the records' caption/text) on the
 host, scores the captions (`metrics.score_captions`) and writes into
 output_dir (local or gs://):
@@ -36,8 +40,8 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
-from showtell_dist.data import pipeline, records
-from showtell_dist.data.prepare import load_manifest
+from showtell_dist.data import feature_cache, pipeline, records
+from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
 from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS, BeamSearchResult, beam_search
 from showtell_dist.errors import ConfigError
@@ -113,18 +117,21 @@ def _global_batch_size(batch_size: int | None, replicas: int, num_images: int) -
 
 
 def build_beam_decoder(trained: TrainedModel, *, beam_width: int = 3, length_normalization: str = "average",
-                       alpha: float = 0.6) -> Callable[[tf.Tensor], BeamSearchResult]:
+                       alpha: float = 0.6, from_features: bool = False) -> Callable[[tf.Tensor], BeamSearchResult]:
     """fn(images [batch, H, W, 3] 0..255) -> BeamSearchResult; plain TF, for use in a tf.function.
 
     Each image is encoded once; its beams start from the LSTM state the
     encoding gives. <unk> and <start> are never generated; captions have at
     most tokenizer.max_len - 1 tokens after <start> (the <end> included).
+    With from_features the function takes the encoder's features [batch, dim]
+    (from a features cache) instead of images.
     """
     check_decode_options(beam_width, length_normalization, alpha)
     model, tokenizer = trained.model, trained.tokenizer
 
-    def decode(images: tf.Tensor) -> BeamSearchResult:
-        state = model.initial_state(model.encode(images, training=False))
+    def decode(inputs: tf.Tensor) -> BeamSearchResult:
+        features = inputs if from_features else model.encode(inputs, training=False)
+        state = model.initial_state(features)
         return beam_search(model.decode_step, state, beam_width=beam_width, max_len=tokenizer.max_len - 1,
                            start_id=START_ID, end_id=END_ID, vocab_size=tokenizer.vocab_size,
                            forbidden_ids=(UNK_ID, START_ID), length_normalization=length_normalization,
@@ -163,7 +170,9 @@ def decode_split(trained: TrainedModel, records_dir: str, split: str, strategy: 
 
     Args:
       trained: from `load_trained_model(..., strategy=strategy)`.
-      records_dir: prepared records (local or gs://) holding `split`.
+      records_dir: prepared records (local or gs://) holding `split`, or a
+        features cache made from them for this model's frozen encoder
+        (feature_cache.py): then the encoder is skipped.
       strategy: the model's strategy; batches are split over its replicas.
       beam_width: K hypotheses kept per image (1 = greedy).
       max_images: caption only the first max_images images of the split.
@@ -189,6 +198,10 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
     _check_single_host(strategy)
     _check_model_in_scope(trained, strategy)
     manifest = load_manifest(records_dir)
+    from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND
+    if from_features:
+        feature_cache.check_features_compatible(manifest, trained.config.model, records_dir)
+        feature_cache.check_feature_dim(manifest, trained.model, records_dir)
     num_images = split_size(manifest, split, records_dir, max_images)
     replicas = strategy.num_replicas_in_sync
     spec = pipeline.PipelineSpec(
@@ -198,16 +211,17 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
         global_batch_size=_global_batch_size(batch_size, replicas, num_images))
     steps = pipeline.eval_steps(manifest, spec, 1, max_images)
     dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images))
-    replica_decode = build_beam_decoder(trained, beam_width=beam_width,
-                                        length_normalization=length_normalization, alpha=alpha)
+    replica_decode = build_beam_decoder(trained, beam_width=beam_width, length_normalization=length_normalization,
+                                        alpha=alpha, from_features=from_features)
+    input_key = "features" if from_features else "images"  # a features cache: the encoder is skipped
 
     @tf.function
-    def decode_batch(images):
+    def decode_batch(inputs):
         def replica_fn(x):
             result = replica_decode(x)
             return result.tokens, result.scores
 
-        return strategy.run(replica_fn, args=(images,))
+        return strategy.run(replica_fn, args=(inputs,))
 
     results: list[dict] = []
     start = time.perf_counter()
@@ -218,7 +232,7 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
     try:
         for _ in range(steps):
             batch = next(iterator)
-            tokens, scores = decode_batch(batch["images"])
+            tokens, scores = decode_batch(batch[input_key])
             for ids, t, s in zip(strategy.experimental_local_results(batch["image_id"]),
                                  strategy.experimental_local_results(tokens),
                                  strategy.experimental_local_results(scores)):
@@ -252,13 +266,21 @@ def scan_records(records_dir: str, split: str, image_ids: Iterable[str], *, with
 
     Reads the split's records on the host in the eval pipeline's order and
     stops as soon as every wanted image was seen, so references of the first
-    max_images images cost reading those images only.
+    max_images images cost reading those images only. A features cache holds
+    no images: with_jpeg reads the image records it was made from when they
+    are still there, else the entries have no "jpeg".
     """
     wanted = set(image_ids)
     found: dict = {}
     if not wanted:
         return found
     manifest = load_manifest(records_dir)
+    dim = pipeline.feature_dim(manifest)
+    if dim is not None and with_jpeg:
+        source = manifest["features"].get("source_records")
+        if source and tf.io.gfile.exists(f"{source.rstrip('/')}/{MANIFEST}"):
+            return scan_records(source, split, wanted, with_jpeg=True)
+        with_jpeg = False
     spec = pipeline.PipelineSpec(data_dir=records_dir.rstrip("/"), split=split, image_size=1,
                                  captions_per_image=1, max_len=1, global_batch_size=1)
     files = pipeline.shard_files(manifest, spec)
@@ -267,7 +289,7 @@ def scan_records(records_dir: str, split: str, image_ids: Iterable[str], *, with
         deterministic=True)
 
     def parse(serialized):
-        ex = records.parse_example(serialized)
+        ex = records.parse_example(serialized) if dim is None else records.parse_features_example(serialized, dim)
         out = {"image_id": ex["image_id"], "caption_text": ex["caption_text"]}
         if with_jpeg:
             out["jpeg"] = ex["jpeg"]
@@ -355,7 +377,8 @@ def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy
                for r in results]
     best, worst = report.best_and_worst(entries, report_images)
     shown = {e["image_id"] for e in best + worst}
-    jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()}
+    jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
+             if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
         f.write(report.render_report(summary, best, worst, jpegs))
     _write_json(files[METRICS_FILE], summary)

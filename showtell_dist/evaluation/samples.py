@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from showtell_dist.data import pipeline
-from showtell_dist.data.records import parse_example
+from showtell_dist.data.records import parse_example, parse_features_example
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
 from showtell_dist.decoding.beam_search import greedy_decode
 
@@ -14,16 +14,23 @@ def sample_captions(model, tokenizer: Tokenizer, manifest: dict, spec: pipeline.
                     num_examples: int) -> list[dict]:
     """The first num_examples images of spec.split: id, greedy caption, references."""
     files = pipeline.shard_files(manifest, spec)
-    examples = list(tf.data.TFRecordDataset(files).take(num_examples).map(parse_example))
-    images = tf.stack([pipeline.decode_image(e["jpeg"], spec.image_size) for e in examples])  # [n, size, size, 3]
+    dim = pipeline.feature_dim(manifest)
+    if dim is None:
+        examples = list(tf.data.TFRecordDataset(files).take(num_examples).map(parse_example))
+        inputs = tf.stack([pipeline.decode_image(e["jpeg"], spec.image_size) for e in examples])  # [n, size, size, 3]
+    else:  # a features cache: the encoder's features of each image, [n, dim]
+        examples = list(tf.data.TFRecordDataset(files).take(num_examples)
+                        .map(lambda s: parse_features_example(s, dim)))
+        inputs = tf.stack([e["features"] for e in examples])
 
     @tf.function
-    def caption(images):
-        state = model.initial_state(model.encode(images))
+    def caption(inputs):
+        features = inputs if dim is not None else model.encode(inputs)
+        state = model.initial_state(features)
         return greedy_decode(model.decode_step, state, max_len=spec.max_len - 1, start_id=START_ID,
                              end_id=END_ID, forbidden_ids=(UNK_ID,))
 
-    tokens, _ = caption(images)
+    tokens, _ = caption(inputs)
     return [{"image_id": e["image_id"].numpy().decode(), "caption": tokenizer.decode(t),
              "references": [r.decode() for r in e["caption_text"].numpy()]}
             for e, t in zip(examples, tokens.numpy())]

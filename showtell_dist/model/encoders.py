@@ -2,7 +2,8 @@
 
 Each encoder carries its own input scaling, so the input pipeline only decodes
 and resizes. Weights: "imagenet" (downloaded by Keras, needs internet), a local
-weights file (e.g. mobilenet_v2_1.0_224_imagenet_notop.weights.h5), or None.
+weights file (e.g. mobilenet_v2_1.0_224_imagenet_notop.weights.h5, or for
+small_cnn one saved with `encoder.save_weights`), or None.
 """
 
 from __future__ import annotations
@@ -60,7 +61,19 @@ def build_encoder(name: str, *, image_size: int | None = None, weights: str | No
         raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(IMAGE_SIZES)}.")
     image_size = image_size or IMAGE_SIZES[name]
     if name == "small_cnn":
-        if weights not in (None, "none", ""):
-            raise ConfigError("the small_cnn encoder has no pretrained weights; set encoder_weights to none.")
-        return _small_cnn(image_size)
+        if weights in (None, "none", ""):
+            return _small_cnn(image_size)
+        if weights == "imagenet":
+            raise ConfigError("the small_cnn encoder has no ImageNet weights; set encoder_weights to none or "
+                              "to a .weights.h5 file saved from a small_cnn encoder.")
+        if not tf.io.gfile.exists(weights):
+            raise ConfigError(f"encoder weights file {weights} does not exist; pass an existing .weights.h5 "
+                              "file saved from a small_cnn encoder, or none.")
+        encoder = _small_cnn(image_size)
+        try:
+            encoder.load_weights(weights)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"encoder weights file {weights} does not fit small_cnn at "
+                              f"{image_size}x{image_size}: {exc}") from exc
+        return encoder
     return _application(name, image_size, None if weights in ("none", "") else weights)

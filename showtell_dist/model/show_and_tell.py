@@ -66,6 +66,13 @@ class ShowAndTell(keras.Model):
         # A frozen encoder always runs in inference mode (batch-norm statistics fixed).
         return self.encoder(images, training=training and self.encoder_trainable)
 
+    def batch_features(self, batch: dict, training: bool = False) -> tf.Tensor:
+        """The encoder features of an input batch: its cached `features` when it has them (an input
+        pipeline over a features cache: the encoder is skipped), else `encode(batch["images"])`."""
+        if "features" in batch:
+            return batch["features"]
+        return self.encode(batch["images"], training=training)
+
     def initial_state(self, features: tf.Tensor, training: bool = False, repeats: int = 1):
         """[batch, feature_dim] -> (h, c), each [batch * repeats, units]."""
         if self.feature_norm is not None:

@@ -22,7 +22,7 @@ from showtell_dist.errors import ConfigError
 
 # Settings that do not change what is trained.
 OPERATIONAL_KEYS = frozenset({
-    "data.source_dir", "data.records_dir", "data.image_dir", "data.generate_synthetic",
+    "data.source_dir", "data.records_dir", "data.features_dir", "data.image_dir", "data.generate_synthetic",
     "train.steps_per_loop", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_max_images", "train.jit_compile", "train.log_every", "demo.num_examples",
 })

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
-from showtell_dist.data import pipeline
+from showtell_dist.data import feature_cache, pipeline
 from showtell_dist.data.prepare import VOCABULARY, load_manifest
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.distribute.strategy import is_chief
@@ -46,7 +46,7 @@ class Experiment:
 
 def pipeline_spec(config, manifest: dict, split: str) -> pipeline.PipelineSpec:
     return pipeline.PipelineSpec(
-        data_dir=config.data.records_dir, split=split, image_size=config.model.image_size,
+        data_dir=feature_cache.data_dir_of(config), split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=config.train.global_batch_size, seed=config.train.seed,
         shuffle_buffer=config.data.shuffle_buffer)
@@ -59,15 +59,20 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     if config.train.global_batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"global_batch_size {config.train.global_batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas of the strategy.")
-    manifest = load_manifest(config.data.records_dir)
+    # Image records, or the encoder's features cached from them (config.data.features_dir).
+    data_dir = feature_cache.data_dir_of(config)
+    manifest = load_manifest(data_dir)
+    feature_cache.check_features_compatible(manifest, config.model, data_dir)
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
-    validate_dataset(config.data.records_dir, manifest,
-                     splits=[s for s in ("train", "val") if s in manifest["splits"]])
-    tokenizer = Tokenizer.load(f"{config.data.records_dir}/{VOCABULARY}")
+    validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+    tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
     keras.mixed_precision.set_global_policy(policy or "float32")
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
+        # The encoder is built (with its weights) even when training from cached features, so that
+        # checkpoints and exports are those of a model trained from images.
         model = build_model(config.model, tokenizer.vocab_size)
+    feature_cache.check_feature_dim(manifest, model, data_dir)
     trainer = Trainer(strategy, model, config.train, mixed_precision=policy or None,
                       jit_compile=config.train.jit_compile)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step,

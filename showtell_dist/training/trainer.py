@@ -6,7 +6,8 @@ A `Trainer` owns the model, the optimizer and a step counter, all created in
 
   1. flattens [batch, captions, time] captions into [batch * captions, time]
      rows; inputs are tokens[:-1], targets tokens[1:];
-  2. encodes each image once and repeats its initial state per caption;
+  2. encodes each image once (or takes its cached features, when the input
+     is a features cache) and repeats its initial state per caption;
   3. sums the masked cross-entropy and divides by the number of real target
      tokens in the global batch (all-reduced);
   4. all-reduces the gradients, clips them by their global norm, and applies
@@ -67,7 +68,7 @@ class Trainer:
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            features = self.model.encode(batch["images"], training=True)
+            features = self.model.batch_features(batch, training=True)
             state = self.model.initial_state(features, training=True, repeats=captions.shape[1])
             logits = self.model.decode_sequence(state, inputs, training=True)
             loss_sum, _ = masked_token_loss_sum(targets, logits)
@@ -89,7 +90,7 @@ class Trainer:
     def _replica_eval_step_fn(self, batch):
         captions = batch["captions"]
         inputs, targets = _flatten_captions(captions)
-        features = self.model.encode(batch["images"])
+        features = self.model.batch_features(batch)
         state = self.model.initial_state(features, repeats=captions.shape[1])
         return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs))
 
