@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.encoder_weights = ""
     c.model.encoder_trainable = True
     c.model.image_size = 64
-    c.model.units = 256
+    c.model.units = 192
     c.model.embed_dim = 128
     c.model.dropout = 0.1
     c.model.feature_norm = "batch"    # "batch" (synchronised), "layer" or "none"
@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.global_batch_size = 32
     c.train.steps = 2500
     c.train.steps_per_loop = 50
-    c.train.learning_rate = 2e-3
+    c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
     c.train.final_lr_ratio = 0.05
     c.train.clip_norm = 5.0

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import (MANIFEST, VOCABULARY, load_manifest, write_json_atomically,
                                         write_records_atomically)
+from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.model.encoders import IMAGE_SIZES, build_encoder
 
@@ -129,16 +130,6 @@ def check_feature_dim(manifest: dict, model, features_dir: str) -> None:
                           f"{model.encoder.output_shape[-1]}: re-run launch/cache_features.py for this model.")
 
 
-def _check_single_host(strategy: tf.distribute.Strategy) -> None:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or isinstance(strategy, tf.distribute.TPUStrategy):
-        return
-    jobs = resolver.cluster_spec().as_dict()
-    if len(jobs.get("worker", [])) + len(jobs.get("chief", [])) > 1:
-        raise ConfigError("caching features runs on one machine, but the strategy spans several workers: use "
-                          "--strategy=mirrored, one_device or default (the cache is then read by every worker).")
-
-
 def _shard_batches(path: str, num_records: int, global_batch: int, image_size: int) -> tf.data.Dataset:
     """{"index" [batch] int64 (-1: padding), "images" [batch, size, size, 3]} in record order, static shapes."""
     def decode(index, serialized):
@@ -177,7 +168,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     from showtell_dist.storage.gcs import validate_dataset
 
     strategy = strategy or tf.distribute.get_strategy()
-    _check_single_host(strategy)
+    require_single_host(strategy, "caching features")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     replicas = strategy.num_replicas_in_sync
@@ -212,11 +203,11 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
         keras.mixed_precision.set_global_policy(policy)
     dim = int(encoder.output_shape[-1])
 
+    def replica_fn(b):
+        return b["index"], encoder(b["images"], training=False)
+
     @tf.function
     def encode(batch):
-        def replica_fn(b):
-            return b["index"], encoder(b["images"], training=False)
-
         return strategy.run(replica_fn, args=(batch,))
 
     # Remove the manifest first: while shards are rewritten the directory is not a complete cache.

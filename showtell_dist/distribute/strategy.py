@@ -136,3 +136,20 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     return resolver.task_type == "worker" and resolver.task_id == 0 and \
         "chief" not in resolver.cluster_spec().as_dict()
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Workers (hosts) of the strategy's cluster: one input pipeline each."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
+
+
+def require_single_host(strategy: tf.distribute.Strategy, what: str) -> None:
+    """Refuses a multi-worker strategy for work one machine must do over the whole data."""
+    if isinstance(strategy, tf.distribute.TPUStrategy) or num_workers(strategy) == 1:
+        return
+    raise ConfigError(f"{what} runs on one machine, but the strategy spans several workers (each would "
+                      "see only its own share): use --strategy=mirrored, one_device or default.")

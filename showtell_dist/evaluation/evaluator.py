@@ -44,6 +44,7 @@ from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
 from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS, BeamSearchResult, beam_search
+from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.restore import TrainedModel
 
@@ -73,16 +74,6 @@ def check_decode_options(beam_width: int, length_normalization: str, alpha: floa
                           f"{', '.join(LENGTH_NORMALIZATIONS)}.")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
         raise ConfigError(f"alpha (the GNMT length-penalty exponent) must be a number >= 0, got {alpha!r}.")
-
-
-def _check_single_host(strategy: tf.distribute.Strategy) -> None:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or isinstance(strategy, tf.distribute.TPUStrategy):
-        return
-    jobs = resolver.cluster_spec().as_dict()
-    if len(jobs.get("worker", [])) + len(jobs.get("chief", [])) > 1:
-        raise ConfigError("evaluation runs on one machine, but the strategy spans several workers (each would "
-                          "caption only its own share): use --strategy=mirrored, one_device or default.")
 
 
 def _check_model_in_scope(trained: TrainedModel, strategy: tf.distribute.Strategy) -> None:
@@ -195,7 +186,7 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
     """decode_split, plus timing: total seconds, and images/s after the first batch (which traces)."""
     check_decode_options(beam_width, length_normalization, alpha)
     _check_positive("max_images", max_images, allow_none=True)
-    _check_single_host(strategy)
+    require_single_host(strategy, "evaluation")
     _check_model_in_scope(trained, strategy)
     manifest = load_manifest(records_dir)
     from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from showtell_dist.data import feature_cache, pipeline
 from showtell_dist.data.prepare import VOCABULARY, load_manifest
 from showtell_dist.data.tokenizer import Tokenizer
-from showtell_dist.distribute.strategy import is_chief
+from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
@@ -91,17 +91,8 @@ def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None 
     spec = pipeline_spec(exp.config, exp.manifest, split)
     dataset = strategy.distribute_datasets_from_function(
         pipeline.eval_input_fn(exp.manifest, spec, max_images=max_images))
-    steps = pipeline.eval_steps(exp.manifest, spec, _num_input_pipelines(strategy), max_images)
+    steps = pipeline.eval_steps(exp.manifest, spec, num_workers(strategy), max_images)
     return exp.trainer.evaluate(iter(dataset), steps)
-
-
-def _num_input_pipelines(strategy) -> int:
-    """One input pipeline per worker (host) of the cluster."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None:
-        return 1
-    jobs = resolver.cluster_spec().as_dict()
-    return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
 
 
 def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_progress: bool = True,
