@@ -251,9 +251,10 @@ def build_tutorial(args, sample):
 
     @tf.function
     def train(iterator, num_steps):  # Keras' own train step, the one model.fit compiles, n per host call
+        loss = tf.constant(0.0)
         for _ in tf.range(num_steps):
-            model.train_step(next(iterator))
-        return tf.identity(model.optimizer.iterations)
+            loss = tf.cast(model.train_step(next(iterator))["loss"], tf.float32)
+        return {"loss": loss}
 
     return model, train
 
@@ -330,10 +331,12 @@ def decoder_breakdown_functions(model, rows: int, time_steps: int):
     return lstm_part, projection_part, h0, hidden
 
 
-def timed(fn, *args):
+def timed(fn, *args, outputs: dict | None = None, name: str = ""):
     start = time.perf_counter()
     out = fn(*args)
-    tf.nest.map_structure(lambda x: x.numpy() if hasattr(x, "numpy") else x, out)
+    out = tf.nest.map_structure(lambda x: x.numpy() if hasattr(x, "numpy") else x, out)
+    if outputs is not None:
+        outputs[name] = out
     return time.perf_counter() - start
 
 
@@ -413,9 +416,10 @@ def main(argv=None):
 
     # Timed rounds, interleaved.
     times = {name: [] for name in {**paths, **extra}}
+    last = {}
     for r in range(args.steps):
         for name, fn in {**paths, **extra}.items():
-            times[name].append(timed(fn))
+            times[name].append(timed(fn, outputs=last, name=name))
         print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
 
@@ -435,41 +439,47 @@ def main(argv=None):
     del pit, ds
 
     # ---------------------------------------------------------------- results
+    # Medians: robust to a step that another process slowed down (the per-path min and max are printed too).
     med = {k: float(np.median(v)) for k, v in times.items()}
-    mean = {k: float(np.mean(v)) for k, v in times.items()}
-    cps = {"a": B * C / mean["a"], "b": B * C / mean["b"]}
-    if "c" in mean:
-        cps["c"] = B / mean["c"]
+    cps = {"a": B * C / med["a"], "b": B * C / med["b"]}
+    if "c" in med:
+        cps["c"] = B / med["c"]
     lstm_tok = 4 * args.units * (args.embed_dim + args.units) * 2
     proj_tok = args.units * args.vocab * 2
     step_flops = 3 * rows * steps_t * (lstm_tok + proj_tok)
-    gflops_a = step_flops / mean["a"] / 1e9
-    gflops_mm = mm_reps * 2 * n ** 3 / mean["matmul"] / 1e9
-    gflops_lstm = 3 * rows * steps_t * lstm_tok / mean["lstm"] / 1e9
-    gflops_proj = 3 * rows * steps_t * proj_tok / mean["proj"] / 1e9
-    step_ips = B / mean["a"]
+    gflops_a = step_flops / med["a"] / 1e9
+    gflops_mm = mm_reps * 2 * n ** 3 / med["matmul"] / 1e9
+    gflops_lstm = 3 * rows * steps_t * lstm_tok / med["lstm"] / 1e9
+    gflops_proj = 3 * rows * steps_t * proj_tok / med["proj"] / 1e9
+    step_ips = B / med["a"]
 
     print()
     print(f"=== results (load average {os.getloadavg()[0]:.1f} at the end: measured under load from other "
-          "processes; means over the timed steps) ===")
+          "processes; medians over the timed steps) ===")
     print(f"(a) toolkit, cached features [{B}, {FEATURE_DIM}], {B}x{C} captions/step: {cps['a']:9.1f} captions/s "
-          f"({mean['a']:.2f} s/step, {step_ips:.1f} images/s; per step min {min(times['a']):.2f} "
+          f"({med['a']:.2f} s/step, {step_ips:.1f} images/s; per step min {min(times['a']):.2f} "
           f"max {max(times['a']):.2f})")
     print(f"(b) toolkit, images {B}x{INCEPTION_SIZE}^2, InceptionV3 once per image:    {cps['b']:9.1f} captions/s "
-          f"({mean['b']:.2f} s/step; min {min(times['b']):.2f} max {max(times['b']):.2f})")
+          f"({med['b']:.2f} s/step; min {min(times['b']):.2f} max {max(times['b']):.2f})")
     if "c" in cps:
         print(f"(c) tutorial, {B} (image, caption) pairs/step, InceptionV3 per caption: {cps['c']:9.1f} captions/s "
-              f"({mean['c']:.2f} s/step; min {min(times['c']):.2f} max {max(times['c']):.2f})")
+              f"({med['c']:.2f} s/step; min {min(times['c']):.2f} max {max(times['c']):.2f})")
     print(f"    real target tokens: {real_fraction:.1%} of the {steps_t} positions (a)/(b) compute per caption "
           f"(the tutorial computes {T})")
-    print(f"    encoder estimate in (b): (b) - (a) = {mean['b'] - mean['a']:.2f} s/step of {mean['b']:.2f} "
-          f"({(mean['b'] - mean['a']) / mean['b']:.0%})")
+    print("    train loss after the timed steps (random init: ~ln %d = %.2f): " % (args.vocab, np.log(args.vocab))
+          + ", ".join(f"({k}) {float(last[k]['loss']):.3f}" for k in paths))
+    print(f"    encoder estimate in (b): (b) - (a) = {med['b'] - med['a']:.2f} s/step of {med['b']:.2f} "
+          f"({(med['b'] - med['a']) / med['b']:.0%})")
     print(f"decoder of (a): {step_flops / 1e9:.0f} GFLOP/step ({rows} rows x {steps_t} padded positions x "
           f"{(lstm_tok + proj_tok) / 1e6:.1f} MFLOP x 3) -> {gflops_a:.1f} GFLOP/s; float32 matmul "
           f"[{n}, {n}]: {gflops_mm:.1f} GFLOP/s")
-    print(f"    breakdown of (a): LSTM fwd+bwd {mean['lstm']:.2f} s ({gflops_lstm:.1f} GFLOP/s), projection + "
-          f"softmax cross-entropy fwd+bwd {mean['proj']:.2f} s ({gflops_proj:.1f} GFLOP/s), rest (BN, init "
-          f"dense, clip, Adam, loop) {mean['a'] - mean['lstm'] - mean['proj']:.2f} s")
+    print(f"    useful work only (real target tokens, {real_fraction:.1%} of positions): "
+          f"{real_fraction * gflops_a:.1f} GFLOP/s = {real_fraction * gflops_a / gflops_mm:.0%} of the matmul's")
+    rest = med["a"] - med["lstm"] - med["proj"]
+    print(f"    breakdown of (a), parts timed alone: LSTM fwd+bwd {med['lstm']:.2f} s ({gflops_lstm:.1f} GFLOP/s), "
+          f"projection + softmax cross-entropy fwd+bwd {med['proj']:.2f} s ({gflops_proj:.1f} GFLOP/s), rest "
+          + (f"(BN, init state, dropout, clipping, Adam) {rest:.2f} s" if rest > 0 else
+             "not resolved (the parts timed alone took longer than the step: load noise)"))
     print(f"input pipeline alone (read, parse, shuffle, batch {B}): {pipeline_ips:9.0f} images/s over "
           f"{'the Flickr8k cache' if cache_dir == args.features_dir else 'the synthetic cache'}; (a)'s step "
           f"{step_ips:.1f} images/s")

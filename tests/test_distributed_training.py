@@ -14,6 +14,9 @@ from showtell_dist.training.trainer import Trainer
 from tiny_setup import VOCAB, global_batch as _global_batch, tiny_config, train_tiny as _train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Exact-equivalence comparisons run in float64 (see tiny_setup.train_tiny); float32 training under
+# every strategy is exercised by the other tests.
+POLICY = "float64"
 
 def _mirrored(n):
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
@@ -34,13 +37,14 @@ def _train_in_subprocess(tmp_path, replicas, **overrides):
 
 @pytest.fixture(scope="module")
 def single_device():
-    return _train(tf.distribute.get_strategy())
+    return _train(tf.distribute.get_strategy(), dtype_policy=POLICY)
 
 
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_mirrored_equals_one_device(single_device, replicas, tmp_path):
     loss_1, weights_1 = single_device
-    loss_n, weights_n = _train(_mirrored(2)) if replicas == 2 else _train_in_subprocess(tmp_path, replicas)
+    loss_n, weights_n = (_train(_mirrored(2), dtype_policy=POLICY) if replicas == 2
+                         else _train_in_subprocess(tmp_path, replicas, dtype_policy=POLICY))
     assert loss_n["tokens"] == loss_1["tokens"]
     np.testing.assert_allclose(loss_n["loss"], loss_1["loss"], atol=1e-5)
     np.testing.assert_allclose(loss_n["grad_norm"], loss_1["grad_norm"], rtol=1e-5)
@@ -50,8 +54,8 @@ def test_mirrored_equals_one_device(single_device, replicas, tmp_path):
 
 def test_clipping_uses_the_global_norm(single_device):
     """With a tiny clip_norm every step is clipped; N replicas must still match one device."""
-    _, w1 = _train(tf.distribute.get_strategy(), clip_norm=1e-3)
-    _, w2 = _train(_mirrored(2), clip_norm=1e-3)
+    _, w1 = _train(tf.distribute.get_strategy(), clip_norm=1e-3, dtype_policy=POLICY)
+    _, w2 = _train(_mirrored(2), clip_norm=1e-3, dtype_policy=POLICY)
     _, unclipped = single_device
     assert any(not np.allclose(a, b, atol=1e-5) for a, b in zip(w1, unclipped))
     for a, b in zip(w1, w2):
@@ -59,7 +63,7 @@ def test_clipping_uses_the_global_norm(single_device):
 
 
 def test_jit_compiled_step_matches_on_the_default_strategy(single_device):
-    metrics, weights = _train(tf.distribute.get_strategy(), jit_compile=True)
+    metrics, weights = _train(tf.distribute.get_strategy(), jit_compile=True, dtype_policy=POLICY)
     np.testing.assert_allclose(metrics["loss"], single_device[0]["loss"], atol=1e-5)
     for a, b in zip(weights, single_device[1]):
         np.testing.assert_allclose(a, b, atol=1e-4)

@@ -65,13 +65,23 @@ def global_batch(batch=8, captions=2, time=6, image_size=32):
     return {"images": images, "captions": tokens}
 
 
-def train_tiny(strategy, steps=2, **overrides):
+def train_tiny(strategy, steps=2, dtype_policy="float32", **overrides):
+    """Trains the tiny model on one fixed global batch; returns metrics and trainable weights.
+
+    dtype_policy="float64" takes float32 summation-order noise out of comparisons across
+    replica counts: Adam divides each gradient by its own magnitude, so on weights whose
+    gradient is near zero that noise becomes an update-sized difference.
+    """
     config = tiny_config("unused", **overrides)
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = build_model(config.model, VOCAB)
-    trainer = Trainer(strategy, model, config.train)
-    ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
-    iterator = iter(strategy.experimental_distribute_dataset(ds))
-    metrics = trainer.train_loop(iterator, steps)
-    return metrics, [v.numpy() for v in model.trainable_variables]
+    keras.mixed_precision.set_global_policy(dtype_policy)
+    try:
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build_model(config.model, VOCAB)
+        trainer = Trainer(strategy, model, config.train, jit_compile=config.train.jit_compile)
+        ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(ds))
+        metrics = trainer.train_loop(iterator, steps)
+        return metrics, [v.numpy() for v in model.trainable_variables]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -15,7 +15,7 @@ from showtell_dist.distribute.strategy import create_strategy  # noqa: E402
 
 def main():
     replicas, out = int(sys.argv[1]), sys.argv[2]
-    overrides = {k: float(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    overrides = {k: v if k == "dtype_policy" else float(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
     strategy = create_strategy("mirrored", num_cpu_devices=replicas)
     from tiny_setup import train_tiny
 

@@ -47,7 +47,8 @@ class ShowAndTell(keras.Model):
         self.lstm = keras.layers.LSTM(units, return_sequences=True, name="lstm")
         self.out_dropout = keras.layers.Dropout(dropout)
         # Logits in float32 even under a mixed-precision policy, for a stable loss.
-        self.logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")
+        mixed = keras.mixed_precision.global_policy().compute_dtype in ("float16", "bfloat16")
+        self.logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32" if mixed else None)
 
     def build_all(self) -> "ShowAndTell":
         """Creates every variable (before an optimizer or checkpoint needs them)."""
@@ -83,10 +84,17 @@ class ShowAndTell(keras.Model):
         h = self.init_dropout(h, training=training)
         return h, tf.zeros_like(h)
 
-    def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """Teacher forcing: tokens [rows, time] -> logits [rows, time, vocab] float32."""
+    def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False, positions=None) -> tf.Tensor:
+        """Teacher forcing: tokens [rows, time] -> logits [rows, time, vocab] float32.
+
+        With positions ([n, 2] (row, time) indices) the logits are computed only
+        there -> [n, vocab]: the output projection dominates a step at a large
+        vocabulary, and most positions of a padded batch are padding.
+        """
         x = self.embedding(tokens)
-        x = self.lstm(x, initial_state=list(state), training=training)
+        x = self.lstm(x, initial_state=list(state), training=training)  # [rows, time, units]
+        if positions is not None:
+            x = tf.gather_nd(x, positions)  # [n, units]
         return self.logits(self.out_dropout(x, training=training))
 
     def decode_step(self, tokens: tf.Tensor, state):

@@ -18,8 +18,10 @@ def masked_token_loss_sum(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Ten
       targets: [rows, time] int32; 0 is padding.
       logits: [rows, time, vocab] float32.
     Returns:
-      (loss_sum [], num_tokens []) both float32.
+      (loss_sum [], num_tokens []) in the logits' dtype (at least float32).
     """
-    mask = tf.cast(tf.not_equal(targets, 0), tf.float32)  # [rows, time]
-    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
+    if logits.dtype in (tf.float16, tf.bfloat16):
+        logits = tf.cast(logits, tf.float32)
+    mask = tf.cast(tf.not_equal(targets, 0), logits.dtype)  # [rows, time]
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
     return tf.reduce_sum(xent * mask), tf.reduce_sum(mask)

@@ -32,6 +32,10 @@ def _flatten_captions(captions: tf.Tensor):
     return rows[:, :-1], rows[:, 1:]
 
 
+def _count_tokens(targets: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(tf.not_equal(targets, 0), tf.float32))
+
+
 class Trainer:
     def __init__(self, strategy: tf.distribute.Strategy, model, train_config, *,
                  mixed_precision: str | None = None, jit_compile: bool = False):
@@ -46,6 +50,9 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        # Logits only where targets are real: a data-dependent shape, so not under XLA or on TPUs,
+        # which compute the padded positions too (and mask them in the loss).
+        self._real_positions_only = not jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy)
         self._train_loop = tf.function(self._train_loop_fn)
         self._eval_loop = tf.function(self._eval_loop_fn)
         self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
@@ -60,18 +67,25 @@ class Trainer:
         return float(lr(self.current_step()) if callable(lr) else lr)
 
     # -- replica steps -------------------------------------------------------
+    def _loss_sum(self, state, inputs, targets, training: bool = False) -> tf.Tensor:
+        """Summed cross-entropy over the real target tokens of [rows, time] inputs/targets."""
+        if not self._real_positions_only:
+            return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs, training))[0]
+        positions = tf.where(tf.not_equal(targets, 0))  # [real tokens, 2]
+        logits = self.model.decode_sequence(state, inputs, training, positions=positions)  # [real tokens, vocab]
+        return masked_token_loss_sum(tf.gather_nd(targets, positions), logits)[0]
+
     def _replica_train_step_fn(self, batch):
         ctx = tf.distribute.get_replica_context()
         captions = batch["captions"]  # [batch, captions, time]
         inputs, targets = _flatten_captions(captions)
-        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, 0), tf.float32))
+        local_tokens = _count_tokens(targets)
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             features = self.model.batch_features(batch, training=True)
             state = self.model.initial_state(features, training=True, repeats=captions.shape[1])
-            logits = self.model.decode_sequence(state, inputs, training=True)
-            loss_sum, _ = masked_token_loss_sum(targets, logits)
+            loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True), tf.float32)
             loss = loss_sum / global_tokens
             if self._loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
@@ -85,14 +99,14 @@ class Trainer:
             norm = tf.linalg.global_norm(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
         self.step.assign_add(1)
-        return loss_sum, local_tokens, norm / scale
+        return loss_sum, local_tokens, tf.cast(norm, tf.float32) / scale
 
     def _replica_eval_step_fn(self, batch):
         captions = batch["captions"]
         inputs, targets = _flatten_captions(captions)
         features = self.model.batch_features(batch)
         state = self.model.initial_state(features, repeats=captions.shape[1])
-        return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs))
+        return tf.cast(self._loss_sum(state, inputs, targets), tf.float32), _count_tokens(targets)
 
     # -- host loops ------------------------------------------------------------
     def _train_loop_fn(self, iterator, num_steps):
