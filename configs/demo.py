@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32
-    c.train.steps = 2500
+    c.train.steps = 3500
     c.train.steps_per_loop = 50
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
