@@ -446,8 +446,12 @@ def main(argv=None):
         cps["c"] = B / med["c"]
     lstm_tok = 4 * args.units * (args.embed_dim + args.units) * 2
     proj_tok = args.units * args.vocab * 2
-    step_flops = 3 * rows * steps_t * (lstm_tok + proj_tok)
+    step_flops = 3 * rows * steps_t * (lstm_tok + proj_tok)  # if every padded position were computed
     gflops_a = step_flops / med["a"] / 1e9
+    # What the step really computes: the LSTM over every padded position, the output projection
+    # and softmax only at real target tokens (the trainer gathers them first).
+    computed_flops = 3 * rows * steps_t * (lstm_tok + real_fraction * proj_tok)
+    gflops_computed = computed_flops / med["a"] / 1e9
     gflops_mm = mm_reps * 2 * n ** 3 / med["matmul"] / 1e9
     gflops_lstm = 3 * rows * steps_t * lstm_tok / med["lstm"] / 1e9
     gflops_proj = 3 * rows * steps_t * proj_tok / med["proj"] / 1e9
@@ -473,6 +477,9 @@ def main(argv=None):
     print(f"decoder of (a): {step_flops / 1e9:.0f} GFLOP/step ({rows} rows x {steps_t} padded positions x "
           f"{(lstm_tok + proj_tok) / 1e6:.1f} MFLOP x 3) -> {gflops_a:.1f} GFLOP/s; float32 matmul "
           f"[{n}, {n}]: {gflops_mm:.1f} GFLOP/s")
+    print(f"    work actually computed (LSTM on all positions, projection on real tokens only): "
+          f"{computed_flops / 1e9:.0f} GFLOP/step -> {gflops_computed:.1f} GFLOP/s = "
+          f"{gflops_computed / gflops_mm:.0%} of the matmul's")
     print(f"    useful work only (real target tokens, {real_fraction:.1%} of positions): "
           f"{real_fraction * gflops_a:.1f} GFLOP/s = {real_fraction * gflops_a / gflops_mm:.0%} of the matmul's")
     rest = med["a"] - med["lstm"] - med["proj"]
@@ -491,8 +498,8 @@ def main(argv=None):
     if "c" in cps:
         print(target_line("(a)/(c) captions/s", cps["a"] / cps["c"], cps["a"] / cps["c"] >= 15, ">= 15x", "9.1f"))
         print(target_line("(b)/(c) captions/s", cps["b"] / cps["c"], cps["b"] / cps["c"] >= 4, ">= 4x", "9.1f"))
-    share = gflops_a / gflops_mm
-    print(target_line("(a) decoder GFLOP/s / matmul GFLOP/s", 100 * share, share >= 0.4, ">= 40%", "8.0f") + "  (%)")
+    share = gflops_computed / gflops_mm
+    print(target_line("(a) decoder GFLOP/s computed / matmul GFLOP/s", 100 * share, share >= 0.4, ">= 40%", "8.0f") + "  (%)")
     print(target_line("pipeline images/s / (a) step images/s", pipeline_ips / step_ips, pipeline_ips / step_ips >= 5,
                       ">= 5x", "9.0f"))
     if child:
