@@ -15,6 +15,7 @@ setup(
         "keras>=3.10",
         "spacy>=3.7,<4",
         "google-cloud-storage>=2.18",
+        "google-crc32c",  # TFRecord framing in data/prepare.py
         "absl-py",
         "ml_collections",
         "numpy",

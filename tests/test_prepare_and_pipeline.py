@@ -144,3 +144,17 @@ def test_flickr8k_layout_is_read_with_nothing_skipped():
     assert {k: len(v) for k, v in corpus.splits.items()} == {"train": 6000, "val": 1000}
     assert sum(len(e.captions) for e in corpus.splits["train"]) == 30000
     assert corpus.skipped == []
+
+
+def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
+    from showtell_dist.data.prepare import frame_tfrecords, write_records_atomically
+
+    payloads = [b"", b"a", b"x" * 70000, records.encode_example("i.jpg", b"j", 1, 1, [[1, 2]], ["c"])]
+    reference = str(tmp_path / "tf.tfrecord")
+    with tf.io.TFRecordWriter(reference) as writer:
+        for p in payloads:
+            writer.write(p)
+    assert frame_tfrecords(payloads) == open(reference, "rb").read()
+    size, _ = write_records_atomically(str(tmp_path / "ours.tfrecord"), payloads)
+    assert size == os.path.getsize(reference)
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads

@@ -23,9 +23,11 @@ import datetime
 import hashlib
 import json
 import math
+import struct
 import uuid
 from typing import Sequence
 
+import google_crc32c
 import tensorflow as tf
 
 from showtell_dist.data import images as images_lib
@@ -75,16 +77,31 @@ def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: di
     return info, skipped
 
 
+def _masked_crc32c(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def frame_tfrecords(serialized: Sequence[bytes]) -> bytes:
+    """The bytes of a TFRecord file holding `serialized`: per record, its length (uint64 LE), the
+    length's masked crc32c, the data and the data's masked crc32c (TensorFlow's own format)."""
+    out = bytearray()
+    for record in serialized:
+        length = struct.pack("<Q", len(record))
+        out += length + _masked_crc32c(length) + record + _masked_crc32c(record)
+    return bytes(out)
+
+
 def write_records_atomically(path: str, serialized: Sequence[bytes]) -> tuple[int, str]:
-    """Writes a TFRecord file under a temporary name, then renames it; returns (bytes, base64 md5)."""
-    # TFRecord framing is cheap to compute but we let TF write it; the bytes are
-    # read back only to checksum a local temporary file, never a remote one.
+    """Writes a TFRecord file under a temporary name, then renames it; returns (bytes, base64 md5).
+
+    The file is framed in memory and written once, so its checksum costs no read-back (which,
+    for a gs:// output, would download every shard again).
+    """
+    data = frame_tfrecords(serialized)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for s in serialized:
-            writer.write(s)
-    with tf.io.gfile.GFile(tmp, "rb") as f:
-        data = f.read()
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
     tf.io.gfile.rename(tmp, path, overwrite=True)
     return len(data), _md5_base64(data)
 
