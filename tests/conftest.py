@@ -23,3 +23,16 @@ def tiny_dataset(tmp_path_factory):
     from tiny_setup import make_tiny_dataset
 
     return make_tiny_dataset(str(tmp_path_factory.mktemp("tiny_data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_dir(tiny_dataset, tmp_path_factory):
+    """A model_dir trained for a few steps on `tiny_dataset` with `tiny_config`, shared by the
+    evaluation and export tests (one training run for both)."""
+    from showtell_dist.training import train_loop
+    from tiny_setup import tiny_config
+
+    records_dir, _ = tiny_dataset
+    model_dir = str(tmp_path_factory.mktemp("tiny_model"))
+    train_loop.train(tiny_config(records_dir), tf.distribute.get_strategy(), model_dir, show_progress=False)
+    return model_dir

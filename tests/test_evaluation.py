@@ -20,19 +20,14 @@ from showtell_dist.evaluation import metrics, report
 from showtell_dist.evaluation.captioner import caption_files
 from showtell_dist.evaluation.evaluator import decode_split, evaluate_split, scan_records
 from showtell_dist.model.restore import load_trained_model
-from tiny_setup import REPO_ROOT, tiny_config
+from tiny_setup import REPO_ROOT
 
 SPLIT = "test"  # 8 images in the tiny dataset
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tiny_dataset, tmp_path_factory):
-    from showtell_dist.training import train_loop
-
-    records_dir, _ = tiny_dataset
-    model_dir = str(tmp_path_factory.mktemp("eval_model"))
-    train_loop.train(tiny_config(records_dir), tf.distribute.get_strategy(), model_dir, show_progress=False)
-    return model_dir
+def trained_dir(tiny_trained_dir):
+    return tiny_trained_dir
 
 
 @pytest.fixture(scope="module")

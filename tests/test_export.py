@@ -15,8 +15,7 @@ from showtell_dist.decoding.beam_search import beam_search
 from showtell_dist.errors import ConfigError
 from showtell_dist.export import export_saved_model
 from showtell_dist.model.restore import load_trained_model
-from showtell_dist.training import train_loop
-from tiny_setup import REPO_ROOT, tiny_config
+from tiny_setup import REPO_ROOT
 
 BEAM = 3
 
@@ -37,11 +36,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tiny_dataset, tmp_path_factory):
-    records, _ = tiny_dataset
-    model_dir = str(tmp_path_factory.mktemp("export_model"))
-    train_loop.train(tiny_config(records), tf.distribute.get_strategy(), model_dir, show_progress=False)
-    return model_dir
+def trained_dir(tiny_trained_dir):
+    return tiny_trained_dir
 
 
 def _test_images(tmp_path):
