@@ -1,7 +1,6 @@
 """prepare_dataset end to end (records, vocabulary, manifest, bad input) and the tf.data pipeline."""
 
 import csv
-import json
 import os
 
 import numpy as np
