@@ -53,5 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.mixed_precision = ""     # "", "mixed_float16" or "mixed_bfloat16"
     c.train.jit_compile = False
 
+    # How launch/evaluate.py (and the selection below) decode: beam search over each image's captions.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.beam_width = 3
+    c.eval.length_normalization = "average"   # "none", "average" (the tutorial's) or "gnmt"
+    c.eval.alpha = 0.6                         # GNMT length-penalty exponent
+    c.eval.select_metric = ""                  # e.g. "CIDEr-D": keep the best checkpoint by it in model_dir/best
+
     c.demo = ml_collections.ConfigDict(dict(num_examples=10))
     return c

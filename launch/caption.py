@@ -19,13 +19,12 @@ import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).",
                                  required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory. Default: the latest.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory, 'best' or 'latest'. "
+                                  "Default: the one selected by a val metric in training, else the latest.")
 _IMAGES = flags.DEFINE_list("images", [], "Image paths or glob patterns (also accepted as positional arguments).")
-_BEAM = flags.DEFINE_integer("beam_width", 3, "Beam width (1 = greedy).")
 _TOP_K = flags.DEFINE_integer("top_k", 1, "Print the K best captions of each image with their scores.")
-_NORM = flags.DEFINE_enum("length_normalization", "average", ["none", "average", "gnmt"],
-                          "How beam hypotheses are ranked.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images captioned together.")
+cli.define_decode_flags()
 
 
 def main(argv):
@@ -39,8 +38,9 @@ def main(argv):
         from showtell_dist.model.restore import load_trained_model
 
         trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
-        results, errors = caption_files(trained, paths, _BEAM.value, _TOP_K.value,
-                                        length_normalization=_NORM.value, batch_size=_BATCH.value)
+        options = cli.decode_options(trained.config)
+        results, errors = caption_files(trained, paths, options.pop("beam_width"), _TOP_K.value,
+                                        batch_size=_BATCH.value, **options)
     for r in results:
         if _TOP_K.value == 1:
             print(f"{r['path']}\t{r['caption']}")

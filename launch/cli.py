@@ -20,6 +20,27 @@ def define_strategy_flags():
     flags.DEFINE_string("tpu", None, "With --strategy=tpu: a TPU name, 'local', or grpc://host:port.")
 
 
+def define_decode_flags(beam_help: str = "Beam width (1 = greedy).") -> None:
+    """--beam_width, --length_normalization, --alpha; unset, they take the run's eval.* settings."""
+    flags.DEFINE_integer("beam_width", None, f"{beam_help} Default: the run's eval.beam_width, else 3.")
+    flags.DEFINE_enum("length_normalization", None, ["none", "average", "gnmt"],
+                      "How beam hypotheses are ranked: summed log-prob, per token, or GNMT penalty. "
+                      "Default: the run's eval.length_normalization, else average.")
+    flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (with --length_normalization=gnmt). "
+                       "Default: the run's eval.alpha, else 0.6.")
+
+
+def decode_options(run_config) -> dict:
+    """beam_width, length_normalization and alpha: the flags where given, else the run's config."""
+    from showtell_dist.training.checkpoint_selection import eval_options
+
+    options = eval_options(run_config)
+    for name in options:
+        if flags.FLAGS[name].value is not None:
+            options[name] = flags.FLAGS[name].value
+    return options
+
+
 def strategy_from_flags():
     from showtell_dist.distribute.strategy import create_strategy
 

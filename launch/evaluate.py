@@ -16,24 +16,22 @@ import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).",
                                  required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (e.g. <model_dir>/checkpoints/ckpt-500) "
-                                  "or a directory of checkpoints. Default: the latest of the run.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (e.g. <model_dir>/checkpoints/ckpt-500), "
+                                  "a directory of checkpoints, 'best' (selected by a val metric during training) "
+                                  "or 'latest'. Default: best if the run selected one, else latest.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the prepared records to caption.")
-_BEAM = flags.DEFINE_integer("beam_width", 3, "Beam width (1 = greedy).")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Caption only the first N images of the split.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records, or a features cache made from them for "
                                    "the run's frozen encoder. Default: the run's data.features_dir when that "
                                    "cache exists, else its data.records_dir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split>.")
-_NORM = flags.DEFINE_enum("length_normalization", "average", ["none", "average", "gnmt"],
-                          "How beam hypotheses are ranked: summed log-prob, per token, or GNMT penalty.")
-_ALPHA = flags.DEFINE_float("alpha", 0.6, "GNMT length-penalty exponent (with --length_normalization=gnmt).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global decode batch (multiple of the replicas). "
                               "Default: up to 32 per replica.")
 _METEOR = flags.DEFINE_bool("meteor", True, "Compute METEOR (~10 s to start its Java process).")
 _REPORT = flags.DEFINE_integer("report_images", 10, "Best and worst images shown in report.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 cli.define_strategy_flags()
+cli.define_decode_flags()
 
 
 def _default_data_dir(config) -> str:
@@ -58,13 +56,13 @@ def main(argv):
         trained = load_trained_model(model_dir, _CHECKPOINT.value, strategy)
         records_dir = _RECORDS_DIR.value or _default_data_dir(trained.config)
         output_dir = _OUTPUT_DIR.value or f"{model_dir}/eval_{_SPLIT.value}"
+        options = cli.decode_options(trained.config)
         print(f"checkpoint {trained.checkpoint_path} (step {trained.step}); {_SPLIT.value} split of {records_dir}; "
-              f"beam width {_BEAM.value}; {type(strategy).__name__} with {strategy.num_replicas_in_sync} "
-              "replica(s)", flush=True)
+              f"beam width {options['beam_width']}, length normalization {options['length_normalization']}; "
+              f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
         summary = evaluate_split(trained, records_dir, _SPLIT.value, strategy, output_dir,
-                                 beam_width=_BEAM.value, max_images=_MAX_IMAGES.value, batch_size=_BATCH.value,
-                                 length_normalization=_NORM.value, alpha=_ALPHA.value, use_meteor=_METEOR.value,
-                                 report_images=_REPORT.value, progress=_PROGRESS.value)
+                                 max_images=_MAX_IMAGES.value, batch_size=_BATCH.value, use_meteor=_METEOR.value,
+                                 report_images=_REPORT.value, progress=_PROGRESS.value, **options)
         speed = summary["images_per_s"]
         print(f"{summary['num_images']} images" + (f", {speed:.1f} images/s" if speed else ""))
         print(format_metrics_table(summary["metrics"]))

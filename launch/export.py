@@ -19,14 +19,12 @@ from absl import app, flags
 import cli
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory (default: the latest in "
-                                  "model_dir/checkpoints).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory, 'best' or 'latest'. "
+                                  "Default: the one selected by a val metric in training, else the latest.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where to write the SavedModel (default: model_dir/export).")
-_BEAM_WIDTH = flags.DEFINE_integer("beam_width", 3, "Captions per image (beam size).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Maximum generated tokens incl. <end> (default: the "
                                 "vocabulary's max_len - 1).")
-_NORM = flags.DEFINE_enum("length_normalization", "average", ["average", "gnmt", "none"],
-                          "How beam search ranks captions of different lengths.")
+cli.define_decode_flags("Captions per image (beam size).")
 flags.mark_flag_as_required("model_dir")
 
 
@@ -38,11 +36,11 @@ def main(argv):
         from showtell_dist.model.restore import load_trained_model
 
         trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
-        export_saved_model(trained, export_dir, beam_width=_BEAM_WIDTH.value, max_len=_MAX_LEN.value,
-                           length_normalization=_NORM.value)
+        options = cli.decode_options(trained.config)
+        export_saved_model(trained, export_dir, max_len=_MAX_LEN.value, **options)
     print(f"exported {trained.checkpoint_path} (step {trained.step}) to {export_dir}: signature "
-          f"serving_default(images: string[n]) -> captions string[n, {_BEAM_WIDTH.value}], "
-          f"scores float32[n, {_BEAM_WIDTH.value}]", flush=True)
+          f"serving_default(images: string[n]) -> captions string[n, {options['beam_width']}], "
+          f"scores float32[n, {options['beam_width']}]", flush=True)
 
 
 if __name__ == "__main__":

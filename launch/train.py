@@ -7,7 +7,9 @@
 With the default config it generates the synthetic shapes dataset if absent,
 prepares records, trains, and prints greedy captions for held-out images. A
 config with data.features_dir (e.g. flickr8k_mobilenet.py) also caches the
-frozen encoder's features there if absent, and trains from them.
+frozen encoder's features there if absent, and trains from them. With
+eval.select_metric set, it keeps the checkpoint that scores best on the val
+split in <model_dir>/best and ends by printing all its val metrics.
 """
 
 import os
@@ -57,6 +59,15 @@ def main(argv):
         print(cli.format_metrics(metrics), flush=True)
         if metrics.get("preempted"):
             sys.exit(143)
+        if "best_step" in metrics and metrics["step"] == config.train.steps:
+            from showtell_dist.evaluation.metrics import format_metrics_table
+            from showtell_dist.training.checkpoint_selection import evaluate_selected
+
+            summary = evaluate_selected(model_dir, strategy, split="val")
+            print(f"selected checkpoint {summary['checkpoint']} (step {summary['step']}, best val "
+                  f"{config.eval.select_metric}); every metric on the {summary['num_images']} val images, beam "
+                  f"{summary['beam_width']}, length normalization {summary['length_normalization']}:\n"
+                  f"{format_metrics_table(summary['metrics'])}\nwrote {summary['files']['report.html']}", flush=True)
         num = config.demo.num_examples if _SAMPLES.value is None else _SAMPLES.value
         if num:
             print(train_loop.held_out_samples(experiment, num), flush=True)

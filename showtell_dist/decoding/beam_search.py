@@ -217,6 +217,14 @@ def _check_positive(name: str, value: int) -> int:
     return value
 
 
+def check_decode_options(beam_width: int, length_normalization: str, alpha: float) -> None:
+    """Raises ConfigError for a beam width, length normalization or GNMT alpha a user cannot mean."""
+    _check_positive("beam_width", beam_width)
+    _check_normalization(length_normalization)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
+        raise ConfigError(f"alpha (the GNMT length-penalty exponent) must be a number >= 0, got {alpha!r}.")
+
+
 # ----------------------------------------------------------------------------
 # Greedy decoding
 # ----------------------------------------------------------------------------

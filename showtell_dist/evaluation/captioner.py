@@ -20,7 +20,8 @@ import tensorflow as tf
 from showtell_dist.data import pipeline
 from showtell_dist.data.images import load_image_as_jpeg
 from showtell_dist.errors import ConfigError, DataError
-from showtell_dist.evaluation.evaluator import build_beam_decoder, check_decode_options, detokenize
+from showtell_dist.decoding.beam_search import check_decode_options
+from showtell_dist.evaluation.evaluator import build_beam_decoder, detokenize
 from showtell_dist.model.restore import TrainedModel
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
-from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS, BeamSearchResult, beam_search
+from showtell_dist.decoding.beam_search import BeamSearchResult, beam_search, check_decode_options
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.restore import TrainedModel
@@ -65,15 +65,6 @@ def _check_positive(name: str, value, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     return value
-
-
-def check_decode_options(beam_width: int, length_normalization: str, alpha: float) -> None:
-    _check_positive("beam_width", beam_width)
-    if length_normalization not in LENGTH_NORMALIZATIONS:
-        raise ConfigError(f"length_normalization={length_normalization!r} is not supported; use one of "
-                          f"{', '.join(LENGTH_NORMALIZATIONS)}.")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
-        raise ConfigError(f"alpha (the GNMT length-penalty exponent) must be a number >= 0, got {alpha!r}.")
 
 
 def _check_model_in_scope(trained: TrainedModel, strategy: tf.distribute.Strategy) -> None:

@@ -35,7 +35,7 @@ import tempfile
 import tensorflow as tf
 
 from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS, beam_search
+from showtell_dist.decoding.beam_search import beam_search, check_decode_options
 from showtell_dist.errors import ConfigError
 
 SIGNATURE_KEY = "serving_default"
@@ -70,7 +70,8 @@ def _detokenize(words: tf.Tensor, tokens: tf.Tensor) -> tf.Tensor:
 class CaptionModule(tf.Module):
     """The exported object: the model's variables, the vocabulary and the serving function."""
 
-    def __init__(self, model, words: list[str], *, beam_width: int, max_len: int, length_normalization: str):
+    def __init__(self, model, words: list[str], *, beam_width: int, max_len: int, length_normalization: str,
+                 alpha: float = 0.6):
         super().__init__(name="captioner")
         self.model = model
         self.image_size = int(model.image_size)
@@ -78,6 +79,7 @@ class CaptionModule(tf.Module):
         self.beam_width = beam_width
         self.max_len = max_len
         self.length_normalization = length_normalization
+        self.alpha = float(alpha)
         self._words = tf.constant(words, tf.string)  # [vocab]
         # Plain attributes for the loader (restored as tf.Variables, read with .numpy()).
         self.words = tf.Variable(self._words, trainable=False, name="words")
@@ -100,7 +102,8 @@ class CaptionModule(tf.Module):
         state = self.model.initial_state(self.model.encode(pixels, training=False), training=False)
         return beam_search(self.model.decode_step, state, beam_width=self.beam_width, max_len=self.max_len,
                            start_id=START_ID, end_id=END_ID, vocab_size=self.vocab_size,
-                           forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization)
+                           forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization,
+                           alpha=self.alpha)
 
 
 def _check_positive(name: str, value) -> int:
@@ -110,27 +113,25 @@ def _check_positive(name: str, value) -> int:
 
 
 def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = None,
-                         length_normalization: str = "average") -> CaptionModule:
+                         length_normalization: str = "average", alpha: float = 0.6) -> CaptionModule:
     """The module `export_saved_model` saves (also usable in-process)."""
     tokenizer = trained.tokenizer
     beam_width = _check_positive("beam_width", beam_width)
     if max_len is None:
         max_len = tokenizer.max_len - 1  # generated tokens: the words and <end>, not <start>
     max_len = _check_positive("max_len", max_len)
-    if length_normalization not in LENGTH_NORMALIZATIONS:
-        raise ConfigError(f"length_normalization={length_normalization!r} is not supported; use one of "
-                          f"{', '.join(LENGTH_NORMALIZATIONS)}.")
+    check_decode_options(beam_width, length_normalization, alpha)
     vocab_size = int(trained.model.logits.units)
     if vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"the model has {vocab_size} output classes but its vocabulary has "
                           f"{tokenizer.vocab_size} words: the model_dir's vocab.json does not belong to its "
                           "checkpoint; restore both from the same training run.")
     return CaptionModule(trained.model, list(tokenizer.words), beam_width=beam_width, max_len=max_len,
-                         length_normalization=length_normalization)
+                         length_normalization=length_normalization, alpha=alpha)
 
 
 def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len: int | None = None,
-                       length_normalization: str = "average") -> None:
+                       length_normalization: str = "average", alpha: float = 0.6) -> None:
     """Writes a SavedModel of `trained` (a `TrainedModel`) to `export_dir` (local or gs://).
 
     Signature "serving_default": images tf.string [None] (encoded JPEG/PNG
@@ -143,10 +144,11 @@ def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len
       beam_width: captions per image.
       max_len: maximum generated tokens incl. the end token; default the
         tokenizer's max_len - 1 (the longest training caption).
-      length_normalization: "average", "gnmt" or "none" (see beam_search).
+      length_normalization, alpha: "average", "gnmt" (with exponent alpha) or
+        "none" (see beam_search).
     """
     module = build_caption_module(trained, beam_width=beam_width, max_len=max_len,
-                                  length_normalization=length_normalization)
+                                  length_normalization=length_normalization, alpha=alpha)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_path = os.path.join(tmp, "vocab.json")
         trained.tokenizer.save(vocab_path)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
+from showtell_dist.training.checkpoint_selection import best_checkpoint
 
 
 @dataclasses.dataclass
@@ -24,11 +25,14 @@ class TrainedModel:
 
 def load_trained_model(model_dir: str, checkpoint: str | None = None,
                        strategy: tf.distribute.Strategy | None = None) -> TrainedModel:
-    """The model of `model_dir` with the weights of `checkpoint` (default: the latest).
+    """The model of `model_dir` with the weights of `checkpoint`.
 
-    `checkpoint` may be a checkpoint prefix (model_dir/checkpoints/ckpt-500) or
-    a directory holding checkpoints. Variables are created in `strategy`'s
-    scope when one is given, so the model can decode under it.
+    `checkpoint` may be a checkpoint prefix (model_dir/checkpoints/ckpt-500),
+    a directory holding checkpoints (its latest is used), "best" (the one
+    selected by a validation metric during training, model_dir/best), "latest"
+    (the run's latest), or None: the selected one when the run selected one,
+    else the latest. Variables are created in `strategy`'s scope when one is
+    given, so the model can decode under it.
     """
     config_path = f"{model_dir.rstrip('/')}/config.json"
     if not tf.io.gfile.exists(config_path):
@@ -37,7 +41,15 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
     with tf.io.gfile.GFile(config_path) as f:
         config = ml_collections.ConfigDict(json.loads(f.read()))
     tokenizer = Tokenizer.load(f"{model_dir.rstrip('/')}/vocab.json")
-    path = checkpoint or f"{model_dir.rstrip('/')}/checkpoints"
+    if checkpoint in (None, "best"):
+        path = best_checkpoint(model_dir)
+        if path is None and checkpoint == "best":
+            raise ConfigError(f"{model_dir} has no selected checkpoint (its run had no eval.select_metric or has "
+                              "not evaluated yet); pass --checkpoint=latest or a checkpoint prefix.")
+    else:
+        path = None
+    if path is None:
+        path = f"{model_dir.rstrip('/')}/checkpoints" if checkpoint in (None, "latest") else checkpoint
     if tf.io.gfile.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:

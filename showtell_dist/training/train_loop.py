@@ -5,7 +5,9 @@ model_dir if there is one (model, optimizer state, step), continues the input
 stream where it stopped, runs `steps_per_loop` steps per host call, writes
 tf.summary scalars, saves checkpoints every `checkpoint_every` steps, on
 SIGTERM and at the end, and evaluates the validation loss every `eval_every`
-steps and at the end.
+steps and at the end. With eval.select_metric set it also captions the
+validation split then and keeps the best-scoring checkpoint in model_dir/best
+(checkpoint_selection.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
+from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import Trainer
@@ -107,6 +110,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
     manager = tf.train.CheckpointManager(exp.checkpoint, _checkpoint_dir(model_dir, strategy),
                                          max_to_keep=config.train.keep_checkpoints)
+    selector = CheckpointSelector(exp, strategy, model_dir, log=log)  # checks Java etc. before step 1
     if manager.latest_checkpoint:
         exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()}")
@@ -154,9 +158,11 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
                 return metrics, exp
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
                 _log_eval(exp, strategy, eval_writer, step, metrics, lambda m: bar.write(m))
+                _select(selector, eval_writer, step, metrics, lambda m: bar.write(m))
     bar.close()
     if step == total and "val" in exp.manifest["splits"]:
         _log_eval(exp, strategy, eval_writer, step, metrics, log)
+        _select(selector, eval_writer, step, metrics, log)
     writer.flush()
     eval_writer.flush()
     return metrics, exp
@@ -172,6 +178,17 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
     samples = sample_captions(exp.model, exp.tokenizer, exp.manifest,
                               pipeline_spec(exp.config, exp.manifest, split), num_examples)
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
+
+
+def _select(selector: CheckpointSelector, writer, step: int, metrics: dict, log) -> None:
+    scores = selector(step, log)
+    if scores is None:
+        return
+    with writer.as_default(step=step):
+        for name, value in scores.items():
+            tf.summary.scalar(name, value)
+    metrics.update({f"val_{selector.metric}": scores[selector.metric],
+                    "best_step": selector.best["step"], f"best_val_{selector.metric}": selector.best["value"]})
 
 
 def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict, log) -> None:
