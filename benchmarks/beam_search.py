@@ -2,6 +2,7 @@
 
     python benchmarks/beam_search.py                        # Flickr8k images from ../shared/data/flickr8k
     python benchmarks/beam_search.py --images=DIR --batch=32 --batches=2 --reference_images=1
+    python benchmarks/beam_search.py --scenarios=realistic
 
 One random-weights ShowAndTell (InceptionV3 encoder at 299x299, LSTM 512,
 embedding 512, vocabulary 8000) and one set of decoded images serve every
@@ -16,14 +17,25 @@ measurement:
       alone (beam 3 and greedy) from precomputed features.
 Image decoding and resizing happen once, before any timing, for all of them.
 
-Random weights give a near-uniform next-word distribution: the end token would
-never win (every hypothesis runs to max_len) or, with a constant end bias,
-win at once. So the weights are edited into a realistic decoder (see
-`make_decoder_realistic`): word logits are scaled so the greedy word has
-log-prob about -1.5, and LSTM unit 0 is turned into a counter that raises the
-end logit until captions end after about 12 tokens (the length varies with the
-words). Everything printed is measured in this run; (b) is extrapolated only
-when --reference_max_len is below --max_len, and then says so.
+Two scenarios, each measured in full (a to d) in the same run:
+
+  max_len    the random weights as they are. Their next-word distribution is
+             near-uniform, so the end token never wins and every hypothesis
+             runs to max_len: the tutorial makes 1 + 34 x 3 = 103 whole-model
+             calls per image at max_len 35 (its loop generates up to max_len
+             tokens, as the toolkit does). This is the setting the issue
+             calibrated its reference on (100 calls, 0.74 s each: the same
+             loop with one token fewer) and set the >= 300x target against.
+  realistic  the weights edited into a realistic decoder (see
+             `make_decoder_realistic`): word logits scaled so the greedy word
+             has log-prob about -1.5, and LSTM unit 0 turned into a counter that
+             raises the end logit until captions end after about 12 tokens, as a
+             trained model's do. The tutorial then makes about a third of the
+             calls while the toolkit, already encoder-bound, barely changes, so
+             this ratio is lower by about the caption-length ratio.
+
+Everything printed is measured in this run; (b) is extrapolated only when
+--reference_max_len is below --max_len, and then says so.
 """
 
 from __future__ import annotations
@@ -68,8 +80,18 @@ def parse_args(argv=None):
     p.add_argument("--reference_images", type=int, default=2, help="Images timed with the tutorial's algorithm.")
     p.add_argument("--reference_max_len", type=int, default=None,
                    help="Max length for (b) (default --max_len); smaller values are extrapolated.")
+    p.add_argument("--scenarios", default="max_len,realistic",
+                   help="Comma-separated: max_len (random weights, no caption ends early: the issue's "
+                        "calibration) and/or realistic (captions end after ~--caption_len tokens).")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    unknown = [x for x in args.scenarios if x not in SCENARIOS]
+    if unknown or not args.scenarios:
+        p.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    if args.reference_images < 1:
+        p.error("--reference_images must be at least 1")
+    return args
 
 
 # ----------------------------------------------------------------------------
@@ -267,46 +289,19 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ref_max_len = args.reference_max_len or args.max_len
-    keras.utils.set_random_seed(args.seed)
-    n_batched = args.batch * (args.batches + 1)
-    images, note = load_images(args.images, n_batched, args.seed)
-    print(note, flush=True)
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); batch {args.batch}, {args.batches} timed "
-          f"batch(es) after 1 warm-up; beam {args.beam}, max_len {args.max_len}, vocabulary {args.vocab}",
-          flush=True)
-
-    t0 = time.perf_counter()
-    model = ShowAndTell(vocab_size=args.vocab, encoder="inception_v3", encoder_weights=None, units=512,
-                        embed_dim=512).build_all()
-    caption, encode, decode_only = toolkit_functions(model, args.max_len, args.vocab)
-    batches = [tf.constant(images[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches + 1)]
-    warm_features = encode(batches[0])  # traces the encoder; features also calibrate the decoder
-    calib = make_decoder_realistic(model, warm_features, args.caption_len, args.seed)
-    print("NOTE: random weights edited into a realistic decoder (else every hypothesis runs to max_len or ends at "
-          "once): images standardised into h0, word logits scaled, LSTM unit 0 counts tokens and drives the end "
-          "logit so that captions end after ~%g tokens." % args.caption_len)
-    print(f"model built and calibrated in {time.perf_counter() - t0:.1f} s: word logits x{calib['logit_scale']:.3g} "
-          f"(arg-max word log-prob {calib['greedy_word_log_prob']:.2f}), end logit rises past the best word when "
-          f"the counter cell reaches {calib['end_threshold_cell']:.2f} (~{args.caption_len:g} tokens); h0 std "
-          f"across images {calib['h0_std_across_images']:.2f}", flush=True)
-
-    # Warm-up: trace every function once on batch 0 (untimed).
-    t0 = time.perf_counter()
-    for beam in (args.beam, 1):
-        timed(caption, batches[0], beam)
-        timed(decode_only, warm_features, beam)
-    print(f"warm-up (tracing) {time.perf_counter() - t0:.1f} s", flush=True)
-
-    # Timed batches, interleaved so that load from other processes hits all measurements alike.
+def measure_toolkit(fns, batches, features0, beam: int) -> dict:
+    """(a), (c), (d) over batches[1:] after tracing on batches[0]; interleaved so that load from other
+    processes hits all measurements alike."""
+    caption, encode, decode_only = fns
+    for b in (beam, 1):  # warm-up: trace each function once (untimed)
+        timed(caption, batches[0], b)
+        timed(decode_only, features0, b)
     t = {"a": 0.0, "c": 0.0, "greedy": 0.0, "dec_beam": 0.0, "dec_greedy": 0.0}
     steps = {"beam": [], "greedy": []}
     lengths = {"beam": [], "greedy": []}
     beam_tokens = []
     for batch in batches[1:]:
-        (tok, ln, st), dt = timed(caption, batch, args.beam)
+        (tok, ln, st), dt = timed(caption, batch, beam)
         t["a"] += dt
         steps["beam"].append(int(st))
         lengths["beam"].append(ln.numpy()[:, 0])
@@ -317,65 +312,127 @@ def main(argv=None):
         t["greedy"] += dt
         steps["greedy"].append(int(st))
         lengths["greedy"].append(ln.numpy()[:, 0])
-        _, dt = timed(decode_only, features, args.beam)
+        _, dt = timed(decode_only, features, beam)
         t["dec_beam"] += dt
         _, dt = timed(decode_only, features, 1)
         t["dec_greedy"] += dt
-    n = args.batch * args.batches
-    ips = {k: n / v for k, v in t.items()}
-    len_beam, len_greedy = np.concatenate(lengths["beam"]), np.concatenate(lengths["greedy"])
+    return {"t": t, "steps": steps, "len_beam": np.concatenate(lengths["beam"]),
+            "len_greedy": np.concatenate(lengths["greedy"]), "beam_tokens": beam_tokens}
 
-    # (b): the tutorial's algorithm on the first images of batch 1 (already timed above with the toolkit).
-    ref_images = images[args.batch:args.batch + args.reference_images]
+
+def measure_tutorial(model, ref_images, args, ref_max_len: int, longest_toolkit_caption: int) -> dict:
+    """(b): the tutorial's algorithm on images the toolkit also captioned."""
     counter = [0]
     tutorial_predict(model, ref_images[0], 3, args.beam, [0])  # warm-up: first eager call builds kernels
-    ref_seqs = []
+    seqs = []
     start = time.perf_counter()
     for image in ref_images:
-        ref_seqs.append(tutorial_predict(model, image, ref_max_len + 1, args.beam, counter))
-        print(f"  (b) image {len(ref_seqs)}: {len(ref_seqs[-1])} tokens, {counter[0]} whole-model calls so far, "
+        seqs.append(tutorial_predict(model, image, ref_max_len + 1, args.beam, counter))
+        print(f"  (b) image {len(seqs)}: {len(seqs[-1])} tokens, {counter[0]} whole-model calls so far, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-    ref_time = time.perf_counter() - start
-    per_call = ref_time / counter[0]
+    seconds = time.perf_counter() - start
+    per_call = seconds / counter[0]
     calls_per_image = counter[0] / len(ref_images)
     extrapolated = ref_max_len < args.max_len
     if extrapolated:
         # Up to `beam` hypotheses stay live until all have ended, one whole-model call each per step.
-        longest = int(np.max(len_beam))
-        calls_per_image += args.beam * max(0, longest - ref_max_len)
-    ref_ips = 1.0 / (calls_per_image * per_call)
+        calls_per_image += args.beam * max(0, longest_toolkit_caption - ref_max_len)
+    return {"seqs": seqs, "calls": counter[0], "seconds": seconds, "per_call": per_call,
+            "calls_per_image": calls_per_image, "extrapolated": extrapolated,
+            "ips": 1.0 / (calls_per_image * per_call)}
 
-    same = sum(list(r) == list(t_[t_ > 0]) for r, t_ in zip(ref_seqs, beam_tokens[0][:len(ref_seqs)]))
 
+def report(title: str, args, ref_max_len: int, tk: dict, ref: dict) -> dict:
+    t, steps, len_beam, len_greedy = tk["t"], tk["steps"], tk["len_beam"], tk["len_greedy"]
+    ips = {k: args.batch * args.batches / v for k, v in t.items()}
+    n_ref = len(ref["seqs"])
+    same = sum(list(r) == list(t_[t_ > 0]) for r, t_ in zip(ref["seqs"], tk["beam_tokens"][0][:n_ref]))
     print()
-    print("=== results (images/s; image decoding excluded everywhere) ===")
+    print(f"=== {title} (images/s; image decoding excluded everywhere) ===")
     print(f"captions: beam {args.beam} mean length {len_beam.mean():.1f} tokens incl. <end> "
           f"(min {len_beam.min()}, max {len_beam.max()}), while-loop steps per batch {steps['beam']}; "
           f"greedy mean {len_greedy.mean():.1f}, steps {steps['greedy']}")
     print(f"(a) toolkit, encoder + beam {args.beam} in one tf.function, batch {args.batch}: {ips['a']:8.2f} img/s")
-    print(f"(b) tutorial predict, batch 1, whole model per hypothesis and step: {ref_ips:8.4f} img/s")
-    print(f"    measured: {len(ref_images)} image(s), max_len {ref_max_len}, {counter[0]} whole-model calls in "
-          f"{ref_time:.1f} s ({per_call * 1000:.0f} ms per call); top caption equal to (a)'s for {same} of "
-          f"{len(ref_images)}")
-    if extrapolated:
-        print(f"    EXTRAPOLATED to max_len {args.max_len}: {calls_per_image:.0f} calls per image = measured calls + "
-              f"{args.beam} x (longest caption of (a) {int(np.max(len_beam))} - {ref_max_len}) at "
-              f"{per_call * 1000:.0f} ms each")
+    print(f"(b) tutorial predict, batch 1, whole model per hypothesis and step: {ref['ips']:8.4f} img/s")
+    print(f"    measured: {n_ref} image(s), max_len {ref_max_len}, {ref['calls']} whole-model calls in "
+          f"{ref['seconds']:.1f} s ({ref['per_call'] * 1000:.0f} ms per call); top caption equal to (a)'s for "
+          f"{same} of {n_ref}")
+    if ref["extrapolated"]:
+        print(f"    EXTRAPOLATED to max_len {args.max_len}: {ref['calls_per_image']:.0f} calls per image = measured "
+              f"calls + {args.beam} x (longest caption of (a) {int(np.max(len_beam))} - {ref_max_len}) at "
+              f"{ref['per_call'] * 1000:.0f} ms each")
     print(f"(c) encoder alone, batch {args.batch}: {ips['c']:8.2f} img/s")
     print(f"(d) greedy (beam 1), same batched code: {ips['greedy']:8.2f} img/s; beam {args.beam}: {ips['a']:.2f} img/s")
     print(f"    decoder alone from features: beam {args.beam} {t['dec_beam'] / args.batches:.3f} s/batch, "
           f"greedy {t['dec_greedy'] / args.batches:.3f} s/batch")
-    print()
-    print(f"(a)/(b) speed-up:              {ips['a'] / ref_ips:8.1f}x   (target >= 300x)")
-    print(f"beam {args.beam} / greedy time:          {t['a'] / t['greedy']:8.2f}    (target <= 1.3)")
-    print(f"encoder share of (a)'s time:   {t['c'] / t['a']:8.1%}   (decoder {t['dec_beam'] / t['a']:.1%})")
-    print(f"(c)/(a) images/s:              {ips['c'] / ips['a']:8.2f}    (target <= 1.5)")
     decoder_steps = sum(steps["beam"]) / args.batches
-    print(f"decoder cost per while-loop step: beam {args.beam} "
-          f"{1000 * t['dec_beam'] / args.batches / decoder_steps:.1f} ms "
-          f"({args.batch * args.beam} rows), greedy "
+    print(f"    decoder cost per while-loop step: beam {args.beam} "
+          f"{1000 * t['dec_beam'] / args.batches / decoder_steps:.1f} ms ({args.batch * args.beam} rows), greedy "
           f"{1000 * t['dec_greedy'] / args.batches / max(1.0, sum(steps['greedy']) / args.batches):.1f} ms "
           f"({args.batch} rows)")
+    ratios = {"speedup": ips["a"] / ref["ips"], "beam_over_greedy": t["a"] / t["greedy"],
+              "encoder_share": t["c"] / t["a"], "encoder_over_toolkit": ips["c"] / ips["a"]}
+    print(f"(a)/(b) speed-up:              {ratios['speedup']:8.1f}x   (target >= 300x)")
+    print(f"beam {args.beam} / greedy time:          {ratios['beam_over_greedy']:8.2f}    (target <= 1.3)")
+    print(f"encoder share of (a)'s time:   {ratios['encoder_share']:8.1%}   (decoder {t['dec_beam'] / t['a']:.1%})")
+    print(f"(c)/(a) images/s:              {ratios['encoder_over_toolkit']:8.2f}    (target <= 1.5)", flush=True)
+    return ratios
+
+
+SCENARIOS = {
+    "max_len": ("random weights as they are: the end token never wins, every hypothesis runs to max_len "
+                "(1 + {steps} x {beam} = {calls} whole-model calls per image for the tutorial; the issue calibrated "
+                "its reference on 100 at max_len 35)"),
+    "realistic": ("weights edited into a realistic decoder: captions end after ~{caption_len:g} tokens, as a "
+                  "trained model's do, so the tutorial makes fewer calls"),
+}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ref_max_len = args.reference_max_len or args.max_len
+    keras.utils.set_random_seed(args.seed)
+    n_batched = args.batch * (args.batches + 1)
+    images, note = load_images(args.images, n_batched, args.seed)
+    print(note, flush=True)
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); batch {args.batch}, {args.batches} timed "
+          f"batch(es) after 1 warm-up; beam {args.beam}, max_len {args.max_len}, vocabulary {args.vocab}; "
+          f"scenarios: {', '.join(args.scenarios)}", flush=True)
+
+    t0 = time.perf_counter()
+    model = ShowAndTell(vocab_size=args.vocab, encoder="inception_v3", encoder_weights=None, units=512,
+                        embed_dim=512).build_all()
+    fns = toolkit_functions(model, args.max_len, args.vocab)
+    batches = [tf.constant(images[i * args.batch:(i + 1) * args.batch]) for i in range(args.batches + 1)]
+    features0 = fns[1](batches[0])  # traces the encoder; the features also calibrate the realistic decoder
+    print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
+    ref_images = images[args.batch:args.batch + args.reference_images]  # the first images of timed batch 1
+
+    summary = {}
+    for name in args.scenarios:
+        steps = args.max_len - 1  # the tutorial loops over range(1, max_len + 1); its first step has one hypothesis
+        text = SCENARIOS[name].format(caption_len=args.caption_len, steps=steps, beam=args.beam,
+                                      calls=1 + steps * args.beam)
+        print(f"\n--- scenario {name}: {text}", flush=True)
+        if name == "realistic":
+            calib = make_decoder_realistic(model, features0, args.caption_len, args.seed)
+            print("weights edited: images standardised into h0, word logits scaled, LSTM unit 0 counts tokens "
+                  f"and drives the end logit: word logits x{calib['logit_scale']:.3g} (arg-max word log-prob "
+                  f"{calib['greedy_word_log_prob']:.2f}), end logit rises past the best word when the counter cell "
+                  f"reaches {calib['end_threshold_cell']:.2f}; h0 std across images "
+                  f"{calib['h0_std_across_images']:.2f}", flush=True)
+        tk = measure_toolkit(fns, batches, features0, args.beam)
+        ref = measure_tutorial(model, ref_images, args, ref_max_len, int(np.max(tk["len_beam"])))
+        summary[name] = report(f"scenario {name}", args, ref_max_len, tk, ref)
+
+    if len(summary) > 1:
+        print("\n=== summary ===")
+        for name, r in summary.items():
+            print(f"{name:10s} (a)/(b) {r['speedup']:7.1f}x   beam/greedy {r['beam_over_greedy']:.2f}   "
+                  f"encoder share {r['encoder_share']:.0%}   (c)/(a) {r['encoder_over_toolkit']:.2f}")
+        print("The issue's target (>= 300x) is set against its calibration, the max_len scenario. With captions "
+              "that end early the tutorial does proportionally less work while the toolkit is already "
+              "encoder-bound, so the realistic ratio is lower by about the caption-length ratio.")
 
 
 if __name__ == "__main__":
