@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_max_images = 0      # 0: the whole validation split
     c.train.mixed_precision = ""     # "", "mixed_float16" or "mixed_bfloat16"
     c.train.jit_compile = False
+    c.train.weight_average_decay = 0.0  # > 0: evaluate and export a moving average of the weights
 
     # How launch/evaluate.py (and the selection below) decode: beam search over each image's captions.
     c.eval = ml_collections.ConfigDict()

@@ -17,8 +17,9 @@ METRIC = "BLEU-1"  # a tiny model's captions score above 0 on it, so the choice 
 
 
 def _selecting_config(records_dir, **train):
+    # With a moving average of the weights: selection must score the weights that are restored later.
     c = tiny_config(records_dir, **{"steps": 6, "eval_every": 2, "checkpoint_every": 2, "keep_checkpoints": 5,
-                                    "learning_rate": 3e-2, **train})
+                                    "learning_rate": 3e-2, "weight_average_decay": 0.5, **train})
     c.eval.select_metric = METRIC
     c.eval.beam_width = 2
     return c

@@ -62,6 +62,14 @@ def test_clipping_uses_the_global_norm(single_device):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_weight_average_under_mirrored_equals_one_device():
+    m1, w1 = _train(tf.distribute.get_strategy(), steps=3, weight_average_decay=0.5, dtype_policy=POLICY)
+    m2, w2 = _train(_mirrored(2), steps=3, weight_average_decay=0.5, dtype_policy=POLICY)
+    assert any(not np.allclose(a, w) for a, w in zip(m1["averages"], w1))  # the average lags the weights
+    for a, b in zip(m1["averages"], m2["averages"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_jit_compiled_step_matches_on_the_default_strategy(single_device):
     metrics, weights = _train(tf.distribute.get_strategy(), jit_compile=True, dtype_policy=POLICY)
     np.testing.assert_allclose(metrics["loss"], single_device[0]["loss"], atol=1e-5)

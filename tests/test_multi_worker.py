@@ -45,7 +45,7 @@ def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_pa
                 "--config.data.generate_synthetic=False", "--config.model.image_size=32",
                 "--config.model.units=16", "--config.model.embed_dim=8", "--config.train.global_batch_size=8",
                 "--config.train.steps=6", "--config.train.steps_per_loop=2", "--config.train.checkpoint_every=0",
-                "--config.train.eval_every=0", "--num_examples=0"]
+                "--config.train.eval_every=0", "--config.eval.select_metric=CIDEr-D", "--num_examples=0"]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     for p in procs:
@@ -58,6 +58,9 @@ def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_pa
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     assert "final: step 6" in outputs[0] and "val_loss" in outputs[0]
+    # Checkpoint selection decodes on one host: off under MultiWorker, said so, and nothing selected.
+    assert "checkpoint selection decodes on one host and is off under MultiWorker" in outputs[0]
+    assert not os.path.exists(os.path.join(model_dir, "best"))
     step0, chief = _final_weights(os.path.join(model_dir, "checkpoints"))
     step1, other = _final_weights(os.path.join(model_dir, "checkpoints_worker_1"))
     assert step0 == step1 == 6

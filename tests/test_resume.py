@@ -19,8 +19,9 @@ STRATEGY = tf.distribute.get_strategy()
 
 
 def _config(records_dir):
-    # Dropout on: its RNG state is part of the checkpoint and must resume too.
-    c = tiny_config(records_dir, steps=8, steps_per_loop=1, checkpoint_every=3)
+    # Dropout on: its RNG state is part of the checkpoint and must resume too; so must the moving
+    # average of the weights (the val loss is computed with it).
+    c = tiny_config(records_dir, steps=8, steps_per_loop=1, checkpoint_every=3, weight_average_decay=0.7)
     c.model.dropout = 0.2
     return c
 
@@ -42,6 +43,8 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path):
     assert resumed_metrics["step"] == 8
     for a, b in zip(_weights(full), _weights(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(full.trainer.weight_average.averages, resumed.trainer.weight_average.averages):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
     np.testing.assert_allclose(resumed_metrics["val_loss"], full_metrics["val_loss"], atol=1e-6)
     assert json.load(open(os.path.join(model_dir, "config.json")))["train"]["steps"] == 8
     assert os.path.exists(os.path.join(model_dir, "vocab.json"))

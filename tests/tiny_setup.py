@@ -82,6 +82,8 @@ def train_tiny(strategy, steps=2, dtype_policy="float32", **overrides):
         ds = tf.data.Dataset.from_tensors(global_batch()).repeat()
         iterator = iter(strategy.experimental_distribute_dataset(ds))
         metrics = trainer.train_loop(iterator, steps)
+        if trainer.weight_average is not None:
+            metrics["averages"] = [a.numpy() for a in trainer.weight_average.averages]
         return metrics, [v.numpy() for v in model.trainable_variables]
     finally:
         keras.mixed_precision.set_global_policy("float32")

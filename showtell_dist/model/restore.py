@@ -12,6 +12,7 @@ from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.training.checkpoint_selection import best_checkpoint
+from showtell_dist.training.weight_average import make_average_variables
 
 
 @dataclasses.dataclass
@@ -62,9 +63,18 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(model_config, tokenizer.vocab_size)
     step = tf.Variable(0, dtype=tf.int64)
+    # A run that kept a moving average of its weights is evaluated and exported with the average.
+    averaged = float(config.train.get("weight_average_decay", 0.0) or 0.0) > 0
+    with (strategy or tf.distribute.get_strategy()).scope():
+        averages = make_average_variables(model.trainable_variables) if averaged else None
+    extra = {"weight_average": averages} if averaged else {}
     try:
-        tf.train.Checkpoint(model=model, step=step).restore(path).expect_partial().assert_existing_objects_matched()
+        tf.train.Checkpoint(model=model, step=step, **extra).restore(path).expect_partial() \
+            .assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as exc:
         raise ConfigError(f"checkpoint {path} does not fit the model described by {config_path} "
                           f"(was it written by another version or config?): {exc}") from exc
+    if averaged:
+        for v, average in zip(model.trainable_variables, averages):
+            v.assign(average.read_value())
     return TrainedModel(model, tokenizer, config, path, int(step.numpy()))

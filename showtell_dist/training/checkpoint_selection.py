@@ -128,8 +128,9 @@ class CheckpointSelector:
         data_dir = feature_cache.data_dir_of(self.exp.config)
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
         trained = TrainedModel(self.exp.model, self.exp.tokenizer, self.exp.config, checkpoint_path="", step=step)
-        results = decode_split(trained, data_dir, "val", self.strategy, max_images=max_images, progress=False,
-                               **self.options)
+        with self.exp.trainer.evaluation_weights():  # the moving average, when the run keeps one
+            results = decode_split(trained, data_dir, "val", self.strategy, max_images=max_images,
+                                   progress=False, **self.options)
         if self._references is None:
             refs = scan_records(data_dir, "val", [r["image_id"] for r in results])
             self._references = {i: e["references"] for i, e in refs.items()}

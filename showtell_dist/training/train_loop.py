@@ -78,8 +78,9 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     feature_cache.check_feature_dim(manifest, model, data_dir)
     trainer = Trainer(strategy, model, config.train, mixed_precision=policy or None,
                       jit_compile=config.train.jit_compile)
+    extra = {"weight_average": trainer.weight_average.averages} if trainer.weight_average else {}
     checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step,
-                                     rng_state=model.rng_state_variables())
+                                     rng_state=model.rng_state_variables(), **extra)
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
 
 
@@ -175,8 +176,9 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
     split = next((s for s in ("test", "val") if s in exp.manifest["splits"]), None)
     if split is None:
         return "no held-out split (test or val) to caption"
-    samples = sample_captions(exp.model, exp.tokenizer, exp.manifest,
-                              pipeline_spec(exp.config, exp.manifest, split), num_examples)
+    with exp.trainer.evaluation_weights():
+        samples = sample_captions(exp.model, exp.tokenizer, exp.manifest,
+                                  pipeline_spec(exp.config, exp.manifest, split), num_examples)
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
 
 
@@ -195,7 +197,8 @@ def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict, log) 
     if "val" not in exp.manifest["splits"]:
         return
     max_images = exp.config.train.eval_max_images or None
-    val = evaluate_loss(exp, strategy, "val", max_images)
+    with exp.trainer.evaluation_weights():  # the moving average of the weights, when the run keeps one
+        val = evaluate_loss(exp, strategy, "val", max_images)
     metrics.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
     with writer.as_default(step=step):
         tf.summary.scalar("loss", val["loss"])

@@ -11,16 +11,21 @@ A `Trainer` owns the model, the optimizer and a step counter, all created in
   3. sums the masked cross-entropy and divides by the number of real target
      tokens in the global batch (all-reduced);
   4. all-reduces the gradients, clips them by their global norm, and applies
-     them with an optimizer that does not reduce again.
+     them with an optimizer that does not reduce again;
+  5. with train.weight_average_decay > 0, updates an exponential moving
+     average of the weights (weight_average.py), used for evaluation.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import keras
 import tensorflow as tf
 
 from showtell_dist.training.loss import masked_token_loss_sum
 from showtell_dist.training.optimizer import build_optimizer
+from showtell_dist.training.weight_average import WeightAverage
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -49,6 +54,8 @@ class Trainer:
             self.optimizer.build(model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        decay = float(train_config.get("weight_average_decay", 0.0) or 0.0)
+        self.weight_average = WeightAverage(strategy, model.trainable_variables, decay) if decay else None
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         # Logits only where targets are real: a data-dependent shape, so not under XLA or on TPUs,
         # which compute the padded positions too (and mask them in the loss).
@@ -57,6 +64,12 @@ class Trainer:
         self._eval_loop = tf.function(self._eval_loop_fn)
         self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
         self._replica_eval_step = tf.function(self._replica_eval_step_fn, jit_compile=jit_compile)
+
+    def evaluation_weights(self):
+        """Context in which the model holds the weights to evaluate: the moving average when kept."""
+        if self.weight_average is None:
+            return contextlib.nullcontext()
+        return self.weight_average.swapped_in()
 
     def current_step(self) -> int:
         return int(self.step.numpy())
@@ -98,6 +111,8 @@ class Trainer:
         else:
             norm = tf.linalg.global_norm(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
+        if self.weight_average is not None:
+            self.weight_average.update()
         self.step.assign_add(1)
         return loss_sum, local_tokens, tf.cast(norm, tf.float32) / scale
 
