@@ -148,10 +148,10 @@ class CheckpointSelector:
 
             write_json_atomically(f"{self.model_dir}/{BEST_DIR}/{SELECTION_FILE}", self.selection)
         best = self.selection["best"]
-        (log or self.log)(f"step {step}: val {self.metric} {100 * corpus[self.metric]:.2f}, BLEU-4 "
-                 f"{100 * corpus['BLEU-4']:.2f} ({len(results)} images, beam {self.options['beam_width']})"
-                 + (" - new best, saved" if improved else
-                    f"; best {100 * best['value']:.2f} at step {best['step']}"))
+        others = ", ".join(f"{m} {100 * corpus[m]:.2f}" for m in ("BLEU-1", "BLEU-4", "CIDEr-D") if m != self.metric)
+        verdict = "new best, saved" if improved else f"best {100 * best['value']:.2f} at step {best['step']}"
+        (log or self.log)(f"step {step}: val {self.metric} {100 * corpus[self.metric]:.2f} ({others}; "
+                          f"{len(results)} images, beam {self.options['beam_width']}) - {verdict}")
         return corpus
 
 
