@@ -56,6 +56,14 @@ def test_selection_keeps_the_best_scoring_step_across_a_resume(selected_run):
     assert any(f"val {METRIC}" in line for line in logs)
 
 
+def test_a_finished_run_launched_again_scores_nothing_twice(selected_run):
+    model_dir, config, _, _ = selected_run
+    before = read_selection(model_dir)
+    metrics, _ = train_loop.train(config, tf.distribute.get_strategy(), model_dir, show_progress=False)
+    assert read_selection(model_dir) == before
+    assert metrics["best_step"] == before["best"]["step"]
+
+
 def test_selected_checkpoint_scores_what_selection_recorded(selected_run, tmp_path):
     model_dir, config, _, _ = selected_run
     best = read_selection(model_dir)["best"]

@@ -120,6 +120,9 @@ class CheckpointSelector:
         """Scores the current weights on val; saves them into best/ when they beat the best so far."""
         if not self.enabled:
             return None
+        done = [h["metrics"] for h in self.selection["history"] if h["step"] == step]
+        if done:  # a finished run launched again: that step was scored already
+            return done[-1]
         from showtell_dist.data import feature_cache
         from showtell_dist.evaluation.evaluator import decode_split, scan_records
         from showtell_dist.evaluation.metrics import score_captions
