@@ -117,3 +117,23 @@ def test_a_corrupt_selection_file_is_named(selected_run, tmp_path):
     with pytest.raises(ConfigError, match=f"{SELECTION_FILE} is not valid JSON"):
         load_trained_model(copy)
     json.loads(open(f"{model_dir}/{BEST_DIR}/{SELECTION_FILE}").read())  # the original is intact
+
+
+def test_evaluate_launcher_defaults_to_the_selected_checkpoint_and_the_runs_decoding(selected_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_setup import REPO_ROOT
+
+    model_dir, _, _, _ = selected_run
+    best = read_selection(model_dir)["best"]
+    out = str(tmp_path / "eval")
+    args = [sys.executable, os.path.join(REPO_ROOT, "launch", "evaluate.py"), f"--model_dir={model_dir}",
+            "--split=val", "--nometeor", "--noprogress", f"--output_dir={out}", "--length_normalization=none"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # beam width from the run's eval.beam_width (2), the flag overrides its length normalization
+    assert f"{BEST_DIR}/ckpt-{best['step']} (step {best['step']})" in proc.stdout
+    assert "beam width 2, length normalization none" in proc.stdout
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert (summary["beam_width"], summary["length_normalization"], summary["step"]) == (2, "none", best["step"])
