@@ -137,3 +137,23 @@ def test_evaluate_launcher_defaults_to_the_selected_checkpoint_and_the_runs_deco
     assert "beam width 2, length normalization none" in proc.stdout
     summary = json.load(open(os.path.join(out, "metrics.json")))
     assert (summary["beam_width"], summary["length_normalization"], summary["step"]) == (2, "none", best["step"])
+
+
+def test_resuming_from_an_earlier_checkpoint_forgets_later_scores(selected_run, tmp_path):
+    import shutil
+
+    model_dir, config, _, _ = selected_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(model_dir, copy)
+    for name in os.listdir(f"{copy}/checkpoints"):  # back to step 2, as if later checkpoints were lost
+        if name.startswith(("ckpt-4", "ckpt-6")):
+            os.remove(f"{copy}/checkpoints/{name}")
+    with open(f"{copy}/checkpoints/checkpoint", "w") as f:
+        f.write('model_checkpoint_path: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-2"\n')
+    logs = []
+    train_loop.train(config, tf.distribute.get_strategy(), copy, show_progress=False, log=logs.append)
+    assert any("forgot the val scores of steps [4, 6]" in line for line in logs), logs
+    rescored = [line for line in logs if line.startswith((f"step 4: val {METRIC}", f"step 6: val {METRIC}"))]
+    assert len(rescored) == 2, logs  # scored again, not taken from the old history
+    assert [h["step"] for h in read_selection(copy)["history"]] == [2, 4, 6]
+    assert read_selection(copy)["best"]["step"] == read_selection(model_dir)["best"]["step"]  # deterministic

@@ -112,6 +112,23 @@ class CheckpointSelector:
             raise ConfigError(f"{self.model_dir}/{BEST_DIR} selected checkpoints by {self.selection['metric']}, "
                               f"this run by {self.metric}; use a new --model_dir or the same eval.select_metric.")
 
+    def resume_at(self, step: int) -> None:
+        """Forgets the scores of steps after `step`: the run continues from an earlier checkpoint, so
+        they belong to weights that no longer exist."""
+        if not self.enabled:
+            return
+        history = self.selection["history"]
+        forgotten = [h["step"] for h in history if h["step"] > step]
+        if not forgotten:
+            return
+        self.selection["history"] = [h for h in history if h["step"] <= step]
+        best = self.selection["best"]
+        if best and best["step"] > step:
+            # best/ holds only that step's weights; the next evaluation's checkpoint replaces them.
+            self.selection["best"] = None
+        self.log(f"checkpoint selection: the run resumes at step {step}; forgot the val scores of steps "
+                 f"{forgotten}" + (" and the best checkpoint among them" if best and best["step"] > step else ""))
+
     @property
     def best(self) -> dict | None:
         return self.selection["best"] if self.enabled else None

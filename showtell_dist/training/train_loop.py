@@ -116,6 +116,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
         exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()}")
     start = exp.trainer.current_step()
+    selector.resume_at(start)
     total = config.train.steps
     spec = pipeline_spec(config, exp.manifest, "train")
     dataset = strategy.distribute_datasets_from_function(pipeline.train_input_fn(exp.manifest, spec, start))
@@ -126,6 +127,13 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     metrics: dict = {"step": start}
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
                mininterval=2.0, dynamic_ncols=True)
+
+    def loop_log(message: str) -> None:
+        if bar.disable:
+            log(message)
+        else:
+            bar.write(message)  # above the progress bar, which stays intact
+
     step = start
     end = min(total, stop_at_step) if stop_at_step else total
     with PreemptionWatcher() as preemption:
@@ -158,8 +166,8 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
                 metrics["preempted"] = True
                 return metrics, exp
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
-                _log_eval(exp, strategy, eval_writer, step, metrics, lambda m: bar.write(m))
-                _select(selector, eval_writer, step, metrics, lambda m: bar.write(m))
+                _log_eval(exp, strategy, eval_writer, step, metrics, loop_log)
+                _select(selector, eval_writer, step, metrics, loop_log)
     bar.close()
     if step == total and "val" in exp.manifest["splits"]:
         _log_eval(exp, strategy, eval_writer, step, metrics, log)
