@@ -116,11 +116,10 @@ def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = 
                          length_normalization: str = "average", alpha: float = 0.6) -> CaptionModule:
     """The module `export_saved_model` saves (also usable in-process)."""
     tokenizer = trained.tokenizer
-    beam_width = _check_positive("beam_width", beam_width)
+    check_decode_options(beam_width, length_normalization, alpha)
     if max_len is None:
         max_len = tokenizer.max_len - 1  # generated tokens: the words and <end>, not <start>
     max_len = _check_positive("max_len", max_len)
-    check_decode_options(beam_width, length_normalization, alpha)
     vocab_size = int(trained.model.logits.units)
     if vocab_size != tokenizer.vocab_size:
         raise ConfigError(f"the model has {vocab_size} output classes but its vocabulary has "

@@ -33,18 +33,21 @@ SELECTION_FILE = "selection.json"
 SELECTABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 
 
+def _eval_section(config):
+    """The run's `eval` config section; runs from before it existed have none."""
+    return config.get("eval", None) or {}
+
+
 def eval_options(config) -> dict:
     """The decoding options of a run's config (its `eval` section), with defaults for older runs."""
-    section = config.get("eval", None) or {}
-    get = section.get if hasattr(section, "get") else (lambda k, d: d)
-    return {"beam_width": int(get("beam_width", 3)),
-            "length_normalization": str(get("length_normalization", "average")),
-            "alpha": float(get("alpha", 0.6))}
+    section = _eval_section(config)
+    return {"beam_width": section.get("beam_width", 3),
+            "length_normalization": section.get("length_normalization", "average"),
+            "alpha": section.get("alpha", 0.6)}
 
 
 def select_metric_of(config) -> str:
-    section = config.get("eval", None) or {}
-    metric = section.get("select_metric", "") if hasattr(section, "get") else ""
+    metric = _eval_section(config).get("select_metric", "")
     if metric and metric not in SELECTABLE_METRICS:
         raise ConfigError(f"eval.select_metric={metric!r} is not a selection metric; use one of "
                           f"{', '.join(SELECTABLE_METRICS)}, or '' to keep only the latest checkpoints.")
