@@ -8,6 +8,7 @@ import json
 import ml_collections
 import tensorflow as tf
 
+from showtell_dist.config_validation import validate_config
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
@@ -41,6 +42,8 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
                           "launch/train.py.")
     with tf.io.gfile.GFile(config_path) as f:
         config = ml_collections.ConfigDict(json.loads(f.read()))
+    # A hand-edited config.json fails here, not mid-decoding.
+    validate_config(config, source=config_path, fix="Restore the values the run was trained with.")
     tokenizer = Tokenizer.load(f"{model_dir.rstrip('/')}/vocab.json")
     if checkpoint in (None, "best"):
         path = best_checkpoint(model_dir)
