@@ -83,7 +83,8 @@ def test_manifest_describes_the_cache(cache, tiny_dataset, weights):
         assert all(c["bytes"] < o["bytes"] for c, o in zip(cached["shards"], s["shards"]))  # no image bytes
     names = sorted(os.listdir(out))
     assert names == sorted([s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
-                           + ["manifest.json", "vocab.json"])  # no temporaries left
+                           + ["manifest.json", "vocab.json",
+                              "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
     validate_dataset(out, manifest, check_local_md5=True)  # sizes and md5s are those of the new shards
     with open(os.path.join(out, "vocab.json")) as a, open(os.path.join(records_dir, "vocab.json")) as b:

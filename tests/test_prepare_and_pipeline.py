@@ -59,7 +59,8 @@ def test_prepare_reports_every_bad_input_and_writes_only_good_records(tmp_path):
     assert manifest["splits"]["val"]["images"] == 1
     assert len(train["shards"]) == 4 and all(s["file"].startswith("train-") for s in train["shards"])
     assert sorted(os.listdir(out)) == sorted([s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
-                                             + ["manifest.json", "vocab.json"])  # no temporaries left
+                                             + ["manifest.json", "vocab.json",
+                                                "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
     assert "skipped: " in summarize(manifest)
 

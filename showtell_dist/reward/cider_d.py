@@ -15,7 +15,8 @@ where, as in pycocoevalcap, the "length" of a caption is its number of
 bigrams (max(words - 1, 0)), the norms are taken before clipping, and the
 quotient is left undivided when a norm is 0 (its numerator is then 0 too).
 
-Document frequencies (`DocumentFrequencies`) count, for each n-gram, the
+The document-frequency lookup is a binary search in a sorted int64 table
+(`_lower_bound`). Document frequencies (`DocumentFrequencies`) count, for each n-gram, the
 images (reference sets) whose references contain it, and `log_num_docs` is
 the log of the number of images: pycocoevalcap's `document_frequency` and
 `ref_len`. pycocoevalcap computes them from the references of the set being
@@ -38,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from showtell_dist.data.tokenizer import END_ID, START_ID
 from showtell_dist.errors import ConfigError, DataError
 
 MAX_N = 4
@@ -175,7 +177,7 @@ class DocumentFrequencies:
             return cls.from_bytes(f.read(), source=path)
 
 
-def word_ids_np(tokens: Sequence[int], *, start_id: int = 1, end_id: int = 2) -> list[int]:
+def word_ids_np(tokens: Sequence[int], *, start_id: int = START_ID, end_id: int = END_ID) -> list[int]:
     """The words of a caption row: <start> and padding dropped, cut at the first <end> (numpy/Python twin of
     `word_ids`)."""
     out = []
@@ -191,7 +193,7 @@ def word_ids_np(tokens: Sequence[int], *, start_id: int = 1, end_id: int = 2) ->
 # -- the graph function ----------------------------------------------------------------------------------------------
 
 
-def word_ids(tokens: tf.Tensor, *, start_id: int = 1, end_id: int = 2) -> tf.Tensor:
+def word_ids(tokens: tf.Tensor, *, start_id: int = START_ID, end_id: int = END_ID) -> tf.Tensor:
     """[..., T] token rows -> [..., T] word rows: <start> and 0 dropped, everything from the first <end> on
     dropped, the remaining words moved left in order and 0-padded.
 
@@ -232,13 +234,31 @@ def _term_counts(keys: tf.Tensor, valid: tf.Tensor) -> tuple[tf.Tensor, tf.Tenso
     return counts, first
 
 
+def _lower_bound(table: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+    """For each value ([m]), the first index of `table` ([size], sorted, last entry above every value) holding an
+    entry >= it: a binary search of ceil(log2(size)) gathers.
+
+    Not tf.searchsorted: XLA lowers that to a comparison of every value with every entry (O(m * size)), which for
+    a table of a few 100k n-grams would cost more than the training step it rewards.
+    """
+    size = int(table.shape[0])
+    lo = tf.zeros_like(values, dtype=tf.int32)
+    hi = tf.fill(tf.shape(values), size - 1)
+    for _ in range(max(1, math.ceil(math.log2(size)))):
+        mid = (lo + hi) // 2
+        below = tf.gather(table, mid) < values
+        lo = tf.where(below, mid + 1, lo)
+        hi = tf.where(below, hi, mid)
+    return lo
+
+
 def _idf(keys: tf.Tensor, df: DocumentFrequencies) -> tf.Tensor:
     """log_num_docs - log(max(1, df(key))) for every key ([...] int64 -> [...] float32); df 0 when absent."""
     table_keys = tf.constant(np.append(np.asarray(df.keys, np.int64), _SENTINEL))               # [n_keys + 1]
     table_log_df = tf.constant(np.append(np.log(np.maximum(1.0, np.asarray(df.frequencies, np.float64))),
                                          0.0).astype(np.float32))                                  # [n_keys + 1]
     flat = tf.reshape(keys, [-1])
-    index = tf.searchsorted(table_keys, flat, side="left")  # < n_keys + 1: the sentinel exceeds every key
+    index = _lower_bound(table_keys, flat)  # <= n_keys: the sentinel exceeds every key
     found = tf.gather(table_keys, index) == flat
     log_df = tf.where(found, tf.gather(table_log_df, index), 0.0)
     return tf.reshape(tf.cast(df.log_num_docs, tf.float32) - log_df, tf.shape(keys))
