@@ -158,3 +158,23 @@ def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
     size, _ = write_records_atomically(str(tmp_path / "ours.tfrecord"), payloads)
     assert size == os.path.getsize(reference)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
+
+
+def test_records_of_older_word_splitting_rules_are_refused_before_training(tmp_path):
+    import json
+
+    import ml_collections
+
+    from showtell_dist.data.prepare import ensure_prepared
+
+    _tutorial_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    manifest = prepare_dataset(str(tmp_path / "in"), str(out), PrepareOptions())
+    assert manifest["vocabulary"]["tokenizer_rules"] == Tokenizer.load(str(out / "vocab.json")).rules
+    config = ml_collections.ConfigDict({"data": {"records_dir": str(out)}})
+    assert ensure_prepared(config)["max_len"] == manifest["max_len"]  # current rules: reused as they are
+    vocab = json.loads((out / "vocab.json").read_text())
+    del vocab["tokenizer_rules"]  # as written before the rules were versioned
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DataError, match="tokenizer rules 'spacy-default'.*prepare the dataset again"):
+        ensure_prepared(config)

@@ -69,6 +69,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
+    tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
     keras.mixed_precision.set_global_policy(policy or "float32")
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
