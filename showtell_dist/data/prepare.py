@@ -170,7 +170,8 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": corpus.source,
         "vocabulary": {"file": VOCABULARY, "size": tokenizer.vocab_size, "fitted_on": "train",
-                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size},
+                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size,
+                       "tokenizer_rules": tokenizer.rules},
         "max_len": tokenizer.max_len,
         "cider_document_frequencies": document_frequencies,
         "truncated_captions": truncated,
@@ -249,7 +250,10 @@ def ensure_prepared(config, log=print) -> dict:
     """
     records_dir = config.data.records_dir
     if tf.io.gfile.exists(f"{records_dir.rstrip('/')}/{MANIFEST}"):
-        return load_manifest(records_dir)
+        manifest = load_manifest(records_dir)
+        vocabulary = f"{records_dir.rstrip('/')}/{VOCABULARY}"
+        Tokenizer.load(vocabulary).check_rules(vocabulary)  # before features are cached from old records
+        return manifest
     source = config.data.source_dir
     if config.data.generate_synthetic:
         from showtell_dist.data import synthetic
