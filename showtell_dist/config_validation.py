@@ -29,12 +29,12 @@ from typing import Any, Callable, Mapping
 from showtell_dist.errors import ConfigError
 
 # The library's choices (see the module docstring): model/encoders.py IMAGE_SIZES, data/layouts.py
-# LAYOUTS, model/show_and_tell.py FEATURE_NORMS, training/train_loop.py MIXED_PRECISION,
+# LAYOUTS, model/show_and_tell.py FEATURE_NORMS, distribute/precision.py REQUESTS,
 # decoding/beam_search.py LENGTH_NORMALIZATIONS, training/checkpoint_selection.py SELECTABLE_METRICS.
 ENCODER_MIN_IMAGE_SIZE = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75}
 LAYOUT_CHOICES = ("auto", "tutorial", "flickr", "coco", "karpathy")
 FEATURE_NORM_CHOICES = ("batch", "layer", "none")
-MIXED_PRECISION_CHOICES = ("", "mixed_float16", "mixed_bfloat16")
+MIXED_PRECISION_CHOICES = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
 LENGTH_NORMALIZATION_CHOICES = ("none", "average", "gnmt")
 SELECT_METRIC_CHOICES = ("", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 
@@ -147,6 +147,7 @@ FIELDS: dict[str, Field] = {
     "train.keep_checkpoints": Int(min=1),
     "train.eval_every": Int(min=1, zero="never"),
     "train.eval_max_images": Int(min=1, zero="the whole validation split"),
+    "train.summary_images": Int(min=1, zero="off"),
     "train.mixed_precision": Choice(MIXED_PRECISION_CHOICES),
     "train.jit_compile": Bool(),
     "train.weight_average_decay": Float(min=0, max=1, min_open=True, max_open=True, zero="no moving average"),

@@ -61,6 +61,7 @@ def _with(name, value):
     ("tokenizer.min_count", 0, "tokenizer.min_count = 0: must be an integer >= 1"),
     ("tokenizer.vocab_size", 3, "must be 0 (no cap) or an integer >= 5"),
     ("tokenizer.max_len", 2, "must be 0 (the length covering 99.9% of train captions) or an integer >= 3"),
+    ("train.summary_images", -1, "train.summary_images = -1: must be 0 (off) or an integer >= 1"),
     ("eval.beam_width", 0, "eval.beam_width = 0: must be an integer >= 1"),
     ("eval.length_normalization", "sum", "must be one of 'none', 'average', 'gnmt'"),
     ("eval.alpha", -0.5, "eval.alpha = -0.5: must be a number >= 0"),
@@ -114,12 +115,12 @@ def test_choices_agree_with_the_library():
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
     from showtell_dist.training.checkpoint_selection import SELECTABLE_METRICS
-    from showtell_dist.training.train_loop import MIXED_PRECISION
+    from showtell_dist.distribute.precision import REQUESTS
 
     assert set(config_validation.ENCODER_MIN_IMAGE_SIZE) == set(IMAGE_SIZES)
     assert config_validation.LAYOUT_CHOICES == ("auto",) + tuple(LAYOUTS)
     assert config_validation.FEATURE_NORM_CHOICES == tuple(FEATURE_NORMS)
-    assert config_validation.MIXED_PRECISION_CHOICES == tuple(MIXED_PRECISION)
+    assert config_validation.MIXED_PRECISION_CHOICES == tuple(REQUESTS)
     assert config_validation.LENGTH_NORMALIZATION_CHOICES == tuple(LENGTH_NORMALIZATIONS)
     assert config_validation.SELECT_METRIC_CHOICES == ("",) + tuple(SELECTABLE_METRICS)
 
