@@ -35,7 +35,7 @@ def main(argv):
         if not paths:
             raise ConfigError("no images given: pass image paths or globs as arguments or with --images.")
         from showtell_dist.evaluation.captioner import caption_files
-        from showtell_dist.model.restore import load_trained_model
+        from showtell_dist.run.restore import load_trained_model
 
         trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
         options = cli.decode_options(trained.config)

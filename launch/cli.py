@@ -32,7 +32,7 @@ def define_decode_flags(beam_help: str = "Beam width (1 = greedy).") -> None:
 
 def decode_options(run_config) -> dict:
     """beam_width, length_normalization and alpha: the flags where given, else the run's config."""
-    from showtell_dist.training.checkpoint_selection import eval_options
+    from showtell_dist.run.run_dir import eval_options
 
     options = eval_options(run_config)
     for name in options:

@@ -49,7 +49,7 @@ def main(argv):
         strategy = cli.strategy_from_flags()
         from showtell_dist.evaluation.evaluator import evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
-        from showtell_dist.model.restore import load_trained_model
+        from showtell_dist.run.restore import load_trained_model
 
         check_java()
         model_dir = _MODEL_DIR.value.rstrip("/")

@@ -33,7 +33,7 @@ def main(argv):
     export_dir = _EXPORT_DIR.value or f"{_MODEL_DIR.value.rstrip('/')}/export"
     with cli.user_errors():
         from showtell_dist.export import export_saved_model
-        from showtell_dist.model.restore import load_trained_model
+        from showtell_dist.run.restore import load_trained_model
 
         trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
         options = cli.decode_options(trained.config)

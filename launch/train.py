@@ -44,7 +44,7 @@ def main(argv):
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
         strategy = cli.strategy_from_flags()
-        from showtell_dist.data.feature_cache import ensure_features
+        from showtell_dist.features.builder import ensure_features
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.distribute.strategy import is_chief
         from showtell_dist.training import train_loop

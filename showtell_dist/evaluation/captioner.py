@@ -22,7 +22,7 @@ from showtell_dist.data.images import load_image_as_jpeg
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.decoding.beam_search import check_decode_options
 from showtell_dist.evaluation.evaluator import build_beam_decoder, detokenize
-from showtell_dist.model.restore import TrainedModel
+from showtell_dist.run.restore import TrainedModel
 
 
 def expand_paths(paths: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -46,7 +46,8 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
 from showtell_dist.decoding.beam_search import BeamSearchResult, beam_search, check_decode_options
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError
-from showtell_dist.model.restore import TrainedModel
+from showtell_dist.features.compatibility import check_features_compatible
+from showtell_dist.run.restore import TrainedModel
 
 METRICS_FILE = "metrics.json"
 CAPTIONS_FILE = "captions.json"
@@ -182,7 +183,7 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
     manifest = load_manifest(records_dir)
     from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND
     if from_features:
-        feature_cache.check_features_compatible(manifest, trained.config.model, records_dir)
+        check_features_compatible(manifest, trained.config.model, records_dir)
         feature_cache.check_feature_dim(manifest, trained.model, records_dir)
     num_images = split_size(manifest, split, records_dir, max_images)
     replicas = strategy.num_replicas_in_sync

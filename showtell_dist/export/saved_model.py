@@ -138,7 +138,7 @@ def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len
     float32 [None, beam_width] (descending).
 
     Args:
-      trained: from `showtell_dist.model.restore.load_trained_model`.
+      trained: from `showtell_dist.run.restore.load_trained_model`.
       export_dir: output directory; an existing SavedModel there is overwritten.
       beam_width: captions per image.
       max_len: maximum generated tokens incl. the end token; default the

@@ -10,7 +10,8 @@ when the metric improves, saves that checkpoint into model_dir/best/:
   model_dir/best/selection.json      {"metric", "best": {"step", "value", "checkpoint", "metrics"},
                                       "history": [{"step", "metrics"}, ...]}
 
-`load_trained_model` and launch/evaluate.py then default to that checkpoint.
+`load_trained_model` and launch/evaluate.py then default to that checkpoint
+(run/run_dir.py reads it).
 METEOR is left out of the selection scores (its JVM costs ~10 s a call); the
 final evaluation (`evaluate_selected`) computes every metric. Selection runs
 on one host (default, one_device or mirrored strategies); under MultiWorker it
@@ -20,68 +21,11 @@ the kept checkpoints afterwards.
 
 from __future__ import annotations
 
-import json
-
 import tensorflow as tf
 
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
-
-BEST_DIR = "best"
-SELECTION_FILE = "selection.json"
-# METEOR is not offered: the selection scores leave it out (see the module docstring).
-SELECTABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
-
-
-def _eval_section(config):
-    """The run's `eval` config section; runs from before it existed have none."""
-    return config.get("eval", None) or {}
-
-
-def eval_options(config) -> dict:
-    """The decoding options of a run's config (its `eval` section), with defaults for older runs."""
-    section = _eval_section(config)
-    return {"beam_width": section.get("beam_width", 3),
-            "length_normalization": section.get("length_normalization", "average"),
-            "alpha": section.get("alpha", 0.6)}
-
-
-def select_metric_of(config) -> str:
-    metric = _eval_section(config).get("select_metric", "")
-    if metric and metric not in SELECTABLE_METRICS:
-        raise ConfigError(f"eval.select_metric={metric!r} is not a selection metric; use one of "
-                          f"{', '.join(SELECTABLE_METRICS)}, or '' to keep only the latest checkpoints.")
-    return metric
-
-
-def read_selection(model_dir: str) -> dict | None:
-    """model_dir/best/selection.json, or None when the run selected no checkpoint."""
-    path = f"{model_dir.rstrip('/')}/{BEST_DIR}/{SELECTION_FILE}"
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            selection = json.loads(f.read())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); delete it (and {BEST_DIR}/) to fall back to "
-                              "the latest checkpoint.") from exc
-    return selection if selection.get("best") else None
-
-
-def best_checkpoint(model_dir: str) -> str | None:
-    """The selected checkpoint's prefix, or None when there is none."""
-    selection = read_selection(model_dir)
-    if selection is None:
-        return None
-    prefix = selection["best"]["checkpoint"]
-    if not tf.io.gfile.exists(prefix + ".index"):
-        # The run directory was moved: the checkpoint sits next to selection.json.
-        prefix = f"{model_dir.rstrip('/')}/{BEST_DIR}/{prefix.rsplit('/', 1)[-1]}"
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise ConfigError(f"{model_dir}/{BEST_DIR}/{SELECTION_FILE} names checkpoint {prefix}, which does not "
-                          "exist; pass --checkpoint=latest (or a checkpoint prefix) instead.")
-    return prefix
-
+from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, eval_options, read_selection, select_metric_of
 
 class CheckpointSelector:
     """Scores the validation split at each evaluation and keeps the best checkpoint in model_dir/best."""
@@ -146,7 +90,7 @@ class CheckpointSelector:
         from showtell_dist.data import feature_cache
         from showtell_dist.evaluation.evaluator import decode_split, scan_records
         from showtell_dist.evaluation.metrics import score_captions
-        from showtell_dist.model.restore import TrainedModel
+        from showtell_dist.run.restore import TrainedModel
 
         data_dir = feature_cache.data_dir_of(self.exp.config)
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
@@ -183,7 +127,7 @@ def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
     from showtell_dist.data import feature_cache
     from showtell_dist.evaluation.evaluator import evaluate_split
-    from showtell_dist.model.restore import load_trained_model
+    from showtell_dist.run.restore import load_trained_model
 
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = feature_cache.data_dir_of(trained.config)
