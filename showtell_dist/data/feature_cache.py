@@ -6,6 +6,7 @@ almost all of the compute. features/builder.py runs the configured encoder
 once per image of prepared records and writes, into a directory (local or gs://):
 
   vocab.json                              copied from the records
+  cider_document_frequencies.npz          copied from the records when they have it
   {split}-00000-of-000NN.tfrecord ...     the same shards, records and order as
                                           the source; each example keeps image/id
                                           and the captions, and carries

@@ -15,8 +15,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.data import feature_cache, pipeline, records
-from showtell_dist.data.prepare import (MANIFEST, VOCABULARY, load_manifest, write_json_atomically,
-                                        write_records_atomically)
+from showtell_dist.data.prepare import (DOCUMENT_FREQUENCIES, MANIFEST, VOCABULARY, load_manifest,
+                                        write_json_atomically, write_records_atomically)
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.features.compatibility import encoder_image_size, require_weights
@@ -159,6 +159,12 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     vocab_tmp = _join(output_dir, f"{VOCABULARY}.tmp-{uuid.uuid4().hex}")
     tf.io.gfile.copy(_join(records_dir, source["vocabulary"]["file"]), vocab_tmp, overwrite=True)
     tf.io.gfile.rename(vocab_tmp, _join(output_dir, VOCABULARY), overwrite=True)
+    if (source.get("cider_document_frequencies") or {}).get("file"):
+        df_tmp = _join(output_dir, f"{DOCUMENT_FREQUENCIES}.tmp-{uuid.uuid4().hex}")
+        tf.io.gfile.copy(_join(records_dir, source["cider_document_frequencies"]["file"]), df_tmp, overwrite=True)
+        tf.io.gfile.rename(df_tmp, _join(output_dir, DOCUMENT_FREQUENCIES), overwrite=True)
+    elif tf.io.gfile.exists(_join(output_dir, DOCUMENT_FREQUENCIES)):  # an earlier cache's, not these records'
+        tf.io.gfile.remove(_join(output_dir, DOCUMENT_FREQUENCIES))
     manifest = dict(source)
     manifest.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
