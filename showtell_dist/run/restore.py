@@ -11,6 +11,7 @@ averages, which is what evaluation and export use.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import ml_collections
 import tensorflow as tf
@@ -69,3 +70,45 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
         for v, average in zip(model.trainable_variables, averages):
             v.assign(average.read_value())
     return TrainedModel(model, tokenizer, config, path, int(step.numpy()))
+
+
+def ensemble_members(model_dirs: Sequence[str], checkpoints: Sequence[str | None] = ()) -> list[tuple[str, str | None]]:
+    """(model_dir, checkpoint) of every ensemble member, from the launchers' --model_dir and --checkpoint lists.
+
+    One run and N checkpoints: N members of that run. M runs and no or one
+    checkpoint: that checkpoint (default: selected, else latest) of each run.
+    M runs and M checkpoints: pairwise.
+    """
+    model_dirs, checkpoints = list(model_dirs), list(checkpoints) or [None]
+    if not model_dirs:
+        raise ConfigError("no model directory given: pass --model_dir=DIR (several, comma-separated, for an "
+                          "ensemble).")
+    if len(model_dirs) == 1:
+        return [(model_dirs[0], c) for c in checkpoints]
+    if len(checkpoints) == 1:
+        return [(d, checkpoints[0]) for d in model_dirs]
+    if len(checkpoints) != len(model_dirs):
+        raise ConfigError(f"{len(model_dirs)} model directories but {len(checkpoints)} checkpoints: give one "
+                          "checkpoint for every model directory (in the same order), one for all, or none.")
+    return list(zip(model_dirs, checkpoints))
+
+
+def load_ensemble(members: Sequence[tuple[str, str | None]],
+                  strategy: tf.distribute.Strategy | None = None) -> list[TrainedModel]:
+    """The trained models of `members` [(model_dir, checkpoint)], which must share one vocabulary."""
+    models = [load_trained_model(model_dir, checkpoint, strategy) for model_dir, checkpoint in members]
+    check_same_vocabulary(models)
+    return models
+
+
+def check_same_vocabulary(models: Sequence[TrainedModel]) -> None:
+    """Raises ConfigError unless every member maps the same words to the same ids (and has the same max_len)."""
+    first = models[0]
+    for other in models[1:]:
+        if list(other.tokenizer.words) != list(first.tokenizer.words) or \
+                other.tokenizer.max_len != first.tokenizer.max_len:
+            raise ConfigError(
+                f"an ensemble needs one vocabulary, but {other.checkpoint_path} ({other.tokenizer.vocab_size} "
+                f"words, max_len {other.tokenizer.max_len}) and {first.checkpoint_path} "
+                f"({first.tokenizer.vocab_size} words, max_len {first.tokenizer.max_len}) were trained on "
+                "different ones: ensemble only runs prepared from the same dataset (same vocab.json).")

@@ -56,7 +56,9 @@ def eval_options(config) -> dict:
     section = _eval_section(config)
     return {"beam_width": section.get("beam_width", 3),
             "length_normalization": section.get("length_normalization", "average"),
-            "alpha": section.get("alpha", 0.6)}
+            "alpha": section.get("alpha", 0.6),
+            "remove_bad_endings": bool(section.get("remove_bad_endings", False)),
+            "block_trigrams": bool(section.get("block_trigrams", False))}
 
 
 def select_metric_of(config) -> str:

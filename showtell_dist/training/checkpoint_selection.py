@@ -13,10 +13,12 @@ when the metric improves, saves that checkpoint into model_dir/best/:
 `load_trained_model` and launch/evaluate.py then default to that checkpoint
 (run/run_dir.py reads it).
 METEOR is left out of the selection scores (its JVM costs ~10 s a call); the
-final evaluation (`evaluate_selected`) computes every metric. Selection runs
-on one host (default, one_device or mirrored strategies); under MultiWorker it
-is switched off with a message, and launch/evaluate.py --checkpoint scores
-the kept checkpoints afterwards.
+final evaluation (`evaluate_selected`) computes every metric. The decode
+function is built once (`SplitDecoder`) and reused at every evaluation. Under
+MultiWorker every worker decodes its share of val and the captions are
+all-gathered; the chief scores them and writes selection.json, and every
+worker saves the best weights (a collective save; the others into
+best_worker_<i>/, as training does with its checkpoints).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CheckpointSelector:
         self.model_dir = model_dir.rstrip("/")
         self.enabled = bool(self.metric)
         self._references = None
+        self._decoder = None  # SplitDecoder, built at the first evaluation and kept
         if not self.enabled:
             return
         from showtell_dist.decoding.beam_search import check_decode_options
@@ -46,14 +49,12 @@ class CheckpointSelector:
         if "val" not in exp.manifest["splits"]:
             raise ConfigError(f"eval.select_metric={self.metric!r} needs a val split, but the prepared dataset has "
                               f"{', '.join(sorted(exp.manifest['splits']))}; set --config.eval.select_metric=''.")
-        if num_workers(strategy) > 1:
-            log(f"eval.select_metric={self.metric!r}: checkpoint selection decodes on one host and is off under "
-                "MultiWorker; score the kept checkpoints with launch/evaluate.py --checkpoint=... afterwards.")
-            self.enabled = False
-            return
         check_java()  # before step 1, not at the first evaluation
         self.chief = is_chief(strategy)
-        self.manager = tf.train.CheckpointManager(exp.checkpoint, f"{self.model_dir}/{BEST_DIR}", max_to_keep=1)
+        # Other workers save too (the save is collective), into a scratch directory.
+        best_dir = (f"{self.model_dir}/{BEST_DIR}" if self.chief or num_workers(strategy) == 1
+                    else f"{self.model_dir}/{BEST_DIR}_worker_{strategy.cluster_resolver.task_id}")
+        self.manager = tf.train.CheckpointManager(exp.checkpoint, best_dir, max_to_keep=1)
         self.selection = read_selection(self.model_dir) or {"metric": self.metric, "best": None, "history": []}
         if self.selection["metric"] != self.metric:
             raise ConfigError(f"{self.model_dir}/{BEST_DIR} selected checkpoints by {self.selection['metric']}, "
@@ -88,16 +89,17 @@ class CheckpointSelector:
         if done:  # a finished run launched again: that step was scored already
             return done[-1]
         from showtell_dist.data import feature_cache
-        from showtell_dist.evaluation.evaluator import decode_split, scan_records
+        from showtell_dist.evaluation.evaluator import SplitDecoder, scan_records
         from showtell_dist.evaluation.metrics import score_captions
         from showtell_dist.run.restore import TrainedModel
 
         data_dir = feature_cache.data_dir_of(self.exp.config)
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
         trained = TrainedModel(self.exp.model, self.exp.tokenizer, self.exp.config, checkpoint_path="", step=step)
+        if self._decoder is None:
+            self._decoder = SplitDecoder(trained, self.strategy, **self.options)
         with self.exp.trainer.evaluation_weights():  # the moving average, when the run keeps one
-            results = decode_split(trained, data_dir, "val", self.strategy, max_images=max_images,
-                                   progress=False, **self.options)
+            results, _ = self._decoder.decode(data_dir, "val", max_images=max_images, progress=False)
         if self._references is None:
             refs = scan_records(data_dir, "val", [r["image_id"] for r in results])
             self._references = {i: e["references"] for i, e in refs.items()}
