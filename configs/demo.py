@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.beam_width = 3
     c.eval.length_normalization = "average"   # "none", "average" (the tutorial's) or "gnmt"
     c.eval.alpha = 0.6                         # GNMT length-penalty exponent
+    c.eval.remove_bad_endings = False          # True: no caption ends on "a", "with", "the", ... (CIDEr-trained runs)
+    c.eval.block_trigrams = False              # True: no caption repeats a trigram
     c.eval.select_metric = ""                  # e.g. "CIDEr-D": keep the best checkpoint by it in model_dir/best
 
     c.demo = ml_collections.ConfigDict(dict(num_examples=10))

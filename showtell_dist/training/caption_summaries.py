@@ -32,7 +32,7 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search, greedy_decode
 from showtell_dist.distribute.strategy import is_chief
 from showtell_dist.errors import ConfigError
-from showtell_dist.training.checkpoint_selection import eval_options
+from showtell_dist.run.run_dir import eval_options
 
 IMAGE_TAG = "val_images"
 TEXT_TAG = "val_captions"

@@ -27,6 +27,7 @@ from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, 
                                                 resolve_use_cudnn)
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
+from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
@@ -67,7 +68,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # Image records, or the encoder's features cached from them (config.data.features_dir).
     data_dir = feature_cache.data_dir_of(config)
     manifest = load_manifest(data_dir)
-    feature_cache.check_features_compatible(manifest, config.model, data_dir)
+    check_features_compatible(manifest, config.model, data_dir)
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
