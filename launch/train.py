@@ -45,6 +45,7 @@ def main(argv):
         config.train.mixed_precision = "" if _MIXED.value == "none" else _MIXED.value
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
+        cli.validate_config(config)  # every bad value in one message, before any work
         strategy = cli.strategy_from_flags()
         from showtell_dist.features.builder import ensure_features
         from showtell_dist.data.prepare import ensure_prepared

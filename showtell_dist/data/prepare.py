@@ -35,7 +35,7 @@ import tensorflow as tf
 from showtell_dist.data import images as images_lib
 from showtell_dist.data import layouts
 from showtell_dist.data import records
-from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.data.tokenizer import DEFAULT_MAX_LEN_QUANTILE, Tokenizer
 from showtell_dist.errors import DataError
 from showtell_dist.reward.cider_d import KEY_BASE, DocumentFrequencies, word_ids_np
 
@@ -127,13 +127,16 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     order = [(split, e) for split, entries in corpus.splits.items() for e in entries]
     all_words = tokenizer.split_words([c for _, e in order for c in e.captions])
     token_ids: dict[str, list[list[int]]] = {}
-    truncated, pos = 0, 0
-    for _, e in order:
+    truncated = {split: 0 for split in corpus.splits}  # captions cut to max_len
+    longest_train, pos = 0, 0
+    for split, e in order:
         ids = []
         for words in all_words[pos: pos + len(e.captions)]:
             encoded, cut = tokenizer.encode_words(words)
             ids.append(encoded)
-            truncated += cut
+            truncated[split] += cut
+            if split == "train":
+                longest_train = max(longest_train, len(words) + 2)
         pos += len(e.captions)
         token_ids[e.image_id] = ids
 
@@ -174,7 +177,15 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
                        "tokenizer_rules": tokenizer.rules},
         "max_len": tokenizer.max_len,
         "cider_document_frequencies": document_frequencies,
-        "truncated_captions": truncated,
+        # How max_len was chosen, and what it cut: --max_len, or the 99.9th percentile of train lengths.
+        "max_len_from": ("max_len option" if options.max_len else
+                         f"{DEFAULT_MAX_LEN_QUANTILE:.1%} of train captions (the default)"),
+        "longest_train_caption": longest_train,  # in tokens, <start> and <end> included
+        "truncated_captions": sum(truncated.values()),
+        "truncated_by_split": truncated,
+        # captions.csv rows with unquoted commas, read as image + the rest joined (layouts.py).
+        "joined_rows": len(corpus.joined_rows),
+        "joined_row_locations": corpus.joined_rows,
         "splits": splits,
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
@@ -222,9 +233,18 @@ def summarize(manifest: dict) -> str:
     """A few human-readable lines about a prepared dataset."""
     lines = [f"source: {manifest['source']}",
              f"vocabulary: {manifest['vocabulary']['size']} ids (fitted on train), max_len {manifest['max_len']}"
-             f", captions cut to max_len: {manifest['truncated_captions']}"]
+             + (f" (from the {manifest['max_len_from']}; longest train caption "
+                f"{manifest['longest_train_caption']})" if "max_len_from" in manifest else "")
+             + f", captions cut to max_len: {manifest['truncated_captions']}"
+             + (" (" + ", ".join(f"{s} {n}" for s, n in manifest["truncated_by_split"].items()) + ")"
+                if manifest.get("truncated_captions") and "truncated_by_split" in manifest else "")]
     for split, s in manifest["splits"].items():
         lines.append(f"{split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    joined = manifest.get("joined_rows", 0)
+    if joined:
+        where = manifest.get("joined_row_locations", [])
+        lines.append(f"captions.csv rows with unquoted commas, read as image + the rest as caption: {joined} "
+                     f"(e.g. {', '.join(where[:3])}; listed in manifest.json joined_row_locations)")
     reasons: dict[str, int] = {}
     for item in manifest["skipped"]:
         reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
