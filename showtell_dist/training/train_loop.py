@@ -29,6 +29,7 @@ from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
+from showtell_dist.training.caption_summaries import CaptionSummaries
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.preemption import PreemptionWatcher
@@ -70,6 +71,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
+    tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
@@ -133,6 +135,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
         log(f"resumed from {latest} at step {exp.trainer.current_step()}")
     start = exp.trainer.current_step()
     selector.resume_at(start)
+    caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
     total = config.train.steps
     spec = pipeline_spec(config, exp.manifest, "train")
     dataset = strategy.distribute_datasets_from_function(pipeline.train_input_fn(exp.manifest, spec, start))
@@ -186,10 +189,12 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
                 _log_eval(exp, strategy, eval_writer, step, metrics, loop_log)
                 _select(selector, eval_writer, step, metrics, loop_log)
+                caption_samples(eval_writer, step)
     bar.close()
     if step == total and "val" in exp.manifest["splits"]:
         _log_eval(exp, strategy, eval_writer, step, metrics, log)
         _select(selector, eval_writer, step, metrics, log)
+        caption_samples(eval_writer, step)
     writer.flush()
     eval_writer.flush()
     return metrics, exp
