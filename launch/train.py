@@ -57,17 +57,18 @@ def main(argv):
         print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
               f"model_dir: {model_dir}", flush=True)
         metrics, experiment = train_loop.train(config, strategy, model_dir, stop_at_step=_STOP_AT.value)
+        if is_chief(strategy):
+            print(cli.format_metrics(metrics), flush=True)
+        if metrics.get("preempted"):
+            sys.exit(143)  # on every worker: all saved the same step and stopped
         summary = None
-        if "best_step" in metrics and metrics["step"] == config.train.steps and not metrics.get("preempted"):
+        if "best_step" in metrics and metrics["step"] == config.train.steps:
             from showtell_dist.training.checkpoint_selection import evaluate_selected
 
             # Every worker decodes its share (the captions are gathered collectively); the chief scores them.
             summary = evaluate_selected(model_dir, strategy, split="val")
         if not is_chief(strategy):
             return
-        print(cli.format_metrics(metrics), flush=True)
-        if metrics.get("preempted"):
-            sys.exit(143)
         if summary:
             from showtell_dist.evaluation.metrics import format_metrics_table
 

@@ -89,11 +89,23 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
 
 
-def _checkpoint_dir(model_dir: str, strategy) -> str:
+def _checkpoint_dir(model_dir: str) -> str:
+    """The chief's checkpoints: what every worker restores from."""
+    return f"{model_dir}/checkpoints"
+
+
+def _save_dir(model_dir: str, strategy) -> str | None:
+    """None on the chief (it saves into _checkpoint_dir); on other workers a scratch dir: they must
+    save too (the save is collective), and delete their copy right after (_save)."""
     if is_chief(strategy):
-        return f"{model_dir}/checkpoints"
-    # Other workers must save too (the save is collective) but into a scratch dir.
+        return None
     return f"{model_dir}/checkpoints_worker_{strategy.cluster_resolver.task_id}"
+
+
+def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | None) -> None:
+    manager.save(checkpoint_number=step)
+    if scratch_dir and tf.io.gfile.exists(scratch_dir):
+        tf.io.gfile.rmtree(scratch_dir)
 
 
 def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
@@ -114,12 +126,14 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     chief = is_chief(strategy)
     exp = build_experiment(config, strategy)
     prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
-    manager = tf.train.CheckpointManager(exp.checkpoint, _checkpoint_dir(model_dir, strategy),
+    scratch_dir = _save_dir(model_dir, strategy)
+    manager = tf.train.CheckpointManager(exp.checkpoint, scratch_dir or _checkpoint_dir(model_dir),
                                          max_to_keep=config.train.keep_checkpoints)
     selector = CheckpointSelector(exp, strategy, model_dir, log=log)  # checks Java etc. before step 1
-    if manager.latest_checkpoint:
-        exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()}")
+    latest = tf.train.latest_checkpoint(_checkpoint_dir(model_dir))  # every worker resumes from the chief's
+    if latest:
+        exp.checkpoint.restore(latest).assert_existing_objects_matched()
+        log(f"resumed from {latest} at step {exp.trainer.current_step()}")
     start = exp.trainer.current_step()
     selector.resume_at(start)
     caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
@@ -142,7 +156,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
 
     step = start
     end = min(total, stop_at_step) if stop_at_step else total
-    with PreemptionWatcher() as preemption:
+    with PreemptionWatcher(strategy) as preemption:
         while step < end:
             n = min(config.train.steps_per_loop, end - step)
             if config.train.checkpoint_every:
@@ -164,11 +178,13 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
             bar.update(n)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{metrics['images_per_s']:.0f}")
             at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if at_checkpoint or step == end or preemption.requested:
-                manager.save(checkpoint_number=step)
-            if preemption.requested:
+            preempted = preemption.stop_requested()  # on every worker alike: any worker's SIGTERM stops all
+            if at_checkpoint or step == end or preempted:
+                _save(manager, step, scratch_dir)
+            if preempted:
                 bar.close()
-                log(f"SIGTERM: saved a checkpoint at step {step} in {model_dir}; stopping.")
+                who = "" if preemption.requested else " (on another worker)"
+                log(f"SIGTERM{who}: saved a checkpoint at step {step} in {model_dir}; stopping.")
                 metrics["preempted"] = True
                 return metrics, exp
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
