@@ -116,6 +116,56 @@ def test_train_pipeline_shapes_and_determinism(tiny_dataset):
         np.testing.assert_array_equal(x["images"], y["images"])
 
 
+def _counting_reads(monkeypatch) -> list:
+    """Counts the records the pipelines read (one list entry per record), one group at a time."""
+    read = []
+    original = pipeline._read_files
+
+    def counted(files):
+        def count(record):
+            read.append(1)
+            return record
+        return original(files).map(lambda r: tf.py_function(count, [r], tf.string))
+
+    monkeypatch.setattr(pipeline, "_read_files", counted)
+    monkeypatch.setattr(pipeline, "GROUPS_IN_FLIGHT", None)  # no read-ahead: count what a resume must read
+    return read
+
+
+@pytest.mark.parametrize("pipelines", [2, 4])  # 3 shards: by file (2 pipelines) and by record (4)
+def test_resume_reads_one_shard_and_continues_the_stream(tiny_dataset, monkeypatch, pipelines):
+    records_dir, manifest = tiny_dataset
+    spec = _spec(records_dir, manifest)  # 3 shards of 16 records, shuffle_buffer 16: one shard per group
+    shard = max(s["records"] for s in manifest["splits"]["train"]["shards"])
+    read = _counting_reads(monkeypatch)
+    first_epochs = []
+    for index in range(pipelines):
+        ctx = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=index,
+                                         num_replicas_in_sync=pipelines)
+        order = pipeline.train_order(manifest, spec, ctx)
+        length = order.epoch_length
+        if index:
+            first_epochs += list(pipeline._train_records(order, 0).take(length).as_numpy_iterator())
+            continue
+        full = list(pipeline._train_records(order, 0).take(4 * length).as_numpy_iterator())
+        first_epochs += full[:length]
+        assert full[:length] != full[length:2 * length]  # each epoch has its own order
+        for position in (13, 2 * length + 5):
+            read.clear()
+            resumed = pipeline._train_records(order, position)
+            assert next(iter(resumed)).numpy() == full[position]
+            assert 0 < len(read) <= shard, (position, len(read))  # not the `position` records before it
+            assert list(resumed.take(length).as_numpy_iterator()) == full[position:position + length]
+        # Whole batches too, through parsing (the captions a resumed run trains on).
+        batches = list(pipeline.train_input_fn(manifest, spec)(ctx).take(8))
+        for x, y in zip(batches[6:], pipeline.train_input_fn(manifest, spec, start_step=6)(ctx).take(2)):
+            np.testing.assert_array_equal(x["captions"], y["captions"])
+            np.testing.assert_array_equal(x["images"], y["images"])
+    # The pipelines' first epochs share out the split: each record once.
+    files = pipeline.shard_files(manifest, spec)
+    assert sorted(first_epochs) == sorted(r.numpy() for r in tf.data.TFRecordDataset(files))
+
+
 def test_missing_captions_are_zero_rows(tiny_dataset):
     records_dir, manifest = tiny_dataset
     spec = _spec(records_dir, manifest, c=6)
