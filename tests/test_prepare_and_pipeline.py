@@ -11,7 +11,7 @@ from PIL import Image
 from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import PrepareOptions, load_manifest, prepare_dataset, summarize
 from showtell_dist.data.tokenizer import END_ID, START_ID, Tokenizer
-from showtell_dist.errors import DataError
+from showtell_dist.errors import ConfigError, DataError
 
 FLICKR8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "flickr8k")
 
@@ -95,7 +95,7 @@ def test_record_round_trip():
 def _spec(records_dir, manifest, split="train", **kw):
     return pipeline.PipelineSpec(data_dir=records_dir, split=split, image_size=32, captions_per_image=kw.pop("c", 3),
                                  max_len=manifest["max_len"], global_batch_size=kw.pop("batch", 8), seed=0,
-                                 shuffle_buffer=16)
+                                 shuffle_buffer=16, **kw)
 
 
 def test_train_pipeline_shapes_and_determinism(tiny_dataset):
@@ -104,7 +104,7 @@ def test_train_pipeline_shapes_and_determinism(tiny_dataset):
     ctx = tf.distribute.InputContext()
     batches = list(pipeline.train_input_fn(manifest, spec)(ctx).take(7))  # 56 > 48 images: crosses an epoch
     b = batches[0]
-    assert b["images"].shape == (8, 32, 32, 3) and b["images"].dtype == tf.float32
+    assert b["images"].shape == (8, 32, 32, 3) and b["images"].dtype == tf.uint8  # cast on the device
     assert b["captions"].shape == (8, 3, manifest["max_len"]) and b["captions"].dtype == tf.int32
     caps = b["captions"].numpy()
     assert (caps[:, :, 0] == START_ID).all()  # synthetic images have 4 captions: 3 real rows each
@@ -241,3 +241,72 @@ def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
     size, _ = write_records_atomically(str(tmp_path / "ours.tfrecord"), payloads)
     assert size == os.path.getsize(reference)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
+
+
+def test_captions_are_padded_per_batch_to_a_bucket(tiny_dataset):
+    records_dir, manifest = tiny_dataset
+    max_len = manifest["max_len"]
+    buckets = pipeline.caption_buckets(max_len, 8)
+    assert buckets[-1] == max_len and len(buckets) == 8 and list(buckets) == sorted(buckets)
+    ctx = tf.distribute.InputContext()
+    padded = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, c=1, batch=4))(ctx).take(12)
+    bucketed_fn = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, c=1, batch=4,
+                                                          caption_buckets=buckets))
+    bucketed = bucketed_fn(ctx)
+    assert bucketed.element_spec["captions"].shape.as_list() == [4, 1, None]
+    lengths = set()
+    for full, b in zip(padded, bucketed.take(12)):
+        time = b["captions"].shape[-1]
+        lengths.add(time)
+        longest = int(np.max(np.nonzero(full["captions"].numpy())[-1])) + 1
+        assert time in buckets and time >= longest  # the smallest bucket that holds the longest caption
+        assert all(t < longest for t in buckets if t < time)
+        np.testing.assert_array_equal(b["captions"], full["captions"][:, :, :time])
+        assert not np.any(full["captions"][:, :, time:])
+    assert min(lengths) < max_len  # some batches are shorter than the longest caption
+
+
+def test_nondeterministic_decoding_yields_the_same_images(tiny_dataset):
+    records_dir, manifest = tiny_dataset
+    ctx = tf.distribute.InputContext()
+    steps = 6  # one epoch: 48 images
+    a = pipeline.train_input_fn(manifest, _spec(records_dir, manifest))(ctx).take(steps)
+    b = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, deterministic=False))(ctx).take(steps)
+    key = lambda batches: sorted(x.tobytes() for batch in batches for x in batch["images"].numpy())
+    assert key(a) == key(b)
+
+
+def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
+    raw = tmp_path / "raw"
+    os.makedirs(raw / "images")
+    y, x = np.mgrid[0:75, 0:100]
+    names = []
+    for i in range(4):  # smooth pictures, which a JPEG keeps well
+        pixels = np.stack([127 + 100 * np.sin(x / (30 + 5 * i) + c) * np.cos(y / 25) for c in range(3)], -1)
+        name = f"i{i}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(raw / "images" / name, quality=98)
+        names.append(name)
+    with open(raw / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption")] + [(n, f"a picture number {i}") for i, n in enumerate(names)])
+    (raw / "train_split_filenames.txt").write_text("\n".join(names) + "\n")
+    original = prepare_dataset(str(raw), str(tmp_path / "original"), PrepareOptions(images_per_shard=2))
+    resized = prepare_dataset(str(raw), str(tmp_path / "resized"), PrepareOptions(images_per_shard=2, resize_to=32))
+    assert original["resized_to"] is None and resized["resized_to"] == 32
+    assert "resized to 32x32" in summarize(resized)
+
+    def images(out):
+        spec = pipeline.PipelineSpec(data_dir=str(out), split="train", image_size=32, captions_per_image=1,
+                                     max_len=resized["max_len"], global_batch_size=4)
+        found = {}
+        for r in tf.data.TFRecordDataset(pipeline.shard_files(load_manifest(str(out)), spec)):
+            ex = records.parse_example(r)
+            found[ex["image_id"].numpy()] = (tf.io.decode_jpeg(ex["jpeg"]).shape,
+                                             pipeline.decode_image_uint8(ex["jpeg"], 32).numpy().astype(float))
+        return found
+
+    a, b = images(tmp_path / "original"), images(tmp_path / "resized")
+    for image_id, (shape, pixels) in a.items():
+        assert shape == (75, 100, 3) and b[image_id][0] == (32, 32, 3)
+        assert np.abs(pixels - b[image_id][1]).mean() < 2.0  # the same pixels, up to the JPEG re-encoding
+    with pytest.raises(ConfigError, match="resize_to"):
+        prepare_dataset(str(raw), str(tmp_path / "bad"), PrepareOptions(resize_to=-1))

@@ -3,9 +3,14 @@
 One element per image, with all its captions, so that the train step encodes
 each image once and its captions share that encoding:
 
-  images    [batch, height, width, 3] float32, pixel values 0..255
-  captions  [batch, captions_per_image, max_len] int32, 0-padded; a row of
-            zeros is a missing caption and carries no loss
+  images    [batch, height, width, 3] uint8 (a quarter of float32's bytes to
+            send; the model's encode casts them on the device)
+  captions  [batch, captions_per_image, time] int32, 0-padded; a row of
+            zeros is a missing caption and carries no loss. time is max_len,
+            or in training with caption_buckets the smallest bucket length
+            that holds the batch's longest caption (a few static shapes, so
+            an XLA/TPU step compiles a few programs, and no step computes
+            the LSTM over a batch's common padding)
 
 and, in evaluation pipelines only,
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import tensorflow as tf
 
@@ -43,6 +49,19 @@ from showtell_dist.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
+    """What a pipeline reads and how it batches it.
+
+    shuffle_buffer: records mixed together in training: consecutive shards
+      (of an epoch's shard order) holding at most this many records are read
+      as one group and permuted (at least one shard per group). A resume
+      reads the group it resumes in.
+    caption_buckets: training pads each batch's captions to the smallest of
+      these lengths that holds them (max_len is always one); () pads to
+      max_len.
+    deterministic: training elements in input order (exact resume; tests);
+      False lets parallel decoding hand over whichever image is ready first.
+    """
+
     data_dir: str
     split: str
     image_size: int
@@ -51,6 +70,23 @@ class PipelineSpec:
     global_batch_size: int
     seed: int = 0
     shuffle_buffer: int = 1000
+    caption_buckets: tuple[int, ...] = ()
+    deterministic: bool = True
+
+
+def caption_buckets(max_len: int, count: int) -> tuple[int, ...]:
+    """`count` caption lengths spread evenly up to max_len (the last), e.g. (10, 20, 30, 40) for 40, 4."""
+    if count < 1:
+        return ()
+    return tuple(sorted({max(2, math.ceil(max_len * i / count)) for i in range(1, count + 1)}))
+
+
+def host_cores() -> int:
+    """CPU cores this process may use: sizes the parallel reads and decoding."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def shard_files(manifest: dict, spec: PipelineSpec) -> list[str]:
@@ -64,18 +100,31 @@ def shard_files(manifest: dict, spec: PipelineSpec) -> list[str]:
     return files
 
 
-def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
-    """JPEG bytes -> [image_size, image_size, 3] float32 in 0..255."""
-    image = tf.io.decode_jpeg(jpeg, channels=3)
+def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """[height, width, 3] uint8 -> [image_size, image_size, 3] uint8, as training sees it.
+
+    Bilinear with antialiasing, rounded; an image already at image_size
+    passes through. prepare.py stores images resized by this same function.
+    """
     shape = tf.shape(image)
 
     def resize():
-        return tf.clip_by_value(tf.image.resize(image, [image_size, image_size], antialias=True), 0.0, 255.0)
+        resized = tf.image.resize(image, [image_size, image_size], antialias=True)
+        return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
-    # Records prepared at the encoder's size (the usual case) skip the resize entirely.
     same = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-    image = tf.cond(same, lambda: tf.cast(image, tf.float32), resize)
+    image = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize)
     return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def decode_image_uint8(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG bytes -> [image_size, image_size, 3] uint8: what the pipelines send to the replicas."""
+    return resize_image(tf.io.decode_jpeg(jpeg, channels=3), image_size)
+
+
+def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG bytes -> [image_size, image_size, 3] float32 in 0..255, the pixels training sees."""
+    return tf.cast(decode_image_uint8(jpeg, image_size), tf.float32)
 
 
 def manifest_kind(manifest: dict) -> str:
@@ -104,7 +153,7 @@ def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
     if "features" in parsed:
         inputs = {"features": parsed["features"]}
     else:
-        inputs = {"images": decode_image(parsed["jpeg"], spec.image_size)}
+        inputs = {"images": decode_image_uint8(parsed["jpeg"], spec.image_size)}
     return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed)}
 
 
@@ -119,15 +168,15 @@ def _parser(manifest: dict):
 def _empty_element(manifest: dict, spec: PipelineSpec) -> dict:
     """A padding element: no image (zeros), no captions, index -1."""
     dim = feature_dim(manifest)
-    inputs = ({"images": tf.zeros([spec.image_size, spec.image_size, 3])} if dim is None
+    inputs = ({"images": tf.zeros([spec.image_size, spec.image_size, 3], tf.uint8)} if dim is None
               else {"features": tf.zeros([dim])})
     return {**inputs, "captions": tf.zeros([spec.captions_per_image, spec.max_len], tf.int32),
             "index": tf.constant(-1, tf.int32)}
 
 
 def _read_files(files) -> tf.data.Dataset:
-    """The serialized records of `files` (a string tensor), file after file."""
-    return tf.data.TFRecordDataset(files)
+    """The serialized records of `files` (a string tensor), in a fixed order (several read at once)."""
+    return tf.data.TFRecordDataset(files, num_parallel_reads=host_cores())
 
 
 def _key(seed: int, *parts) -> tf.Tensor:
@@ -250,6 +299,15 @@ def _train_records(order: TrainOrder, start_position: int) -> tf.data.Dataset:
     return groups.unbatch()
 
 
+def _pad_to_bucket(captions: tf.Tensor, spec: PipelineSpec) -> tf.Tensor:
+    """[batch, captions, max_len] -> [batch, captions, bucket]: the smallest bucket that holds every caption."""
+    buckets = tf.constant(sorted(set(spec.caption_buckets) | {spec.max_len}), tf.int32)
+    real = tf.reduce_any(tf.not_equal(captions, 0), axis=[0, 1])  # [max_len]: a token somewhere in the batch
+    longest = tf.reduce_max(tf.where(real, tf.range(1, spec.max_len + 1), 0))
+    bucket = buckets[tf.searchsorted(buckets, longest[tf.newaxis], side="left")[0]]
+    return captions[:, :, :bucket]
+
+
 def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
     """Returns fn(InputContext) -> infinite shuffled dataset of per-replica batches.
 
@@ -270,8 +328,11 @@ def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
             seed = tf.stack([tf.constant(spec.seed, tf.int64), position])
             return _to_element(parse_example(serialized), spec, seed)
 
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.deterministic)
+        ds = ds.batch(batch, drop_remainder=True)
+        if spec.caption_buckets:
+            ds = ds.map(lambda b: {**b, "captions": _pad_to_bucket(b["captions"], spec)})
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     return input_fn
 
@@ -303,7 +364,8 @@ def _indexed_records(manifest: dict, spec: PipelineSpec, num_input_pipelines: in
             lambda i, serialized: (tf.cast(first + i, tf.int32), serialized))
 
     ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(firsts, tf.int64))).interleave(
-        read, cycle_length=min(8, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        read, cycle_length=min(host_cores(), len(files)), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
     if num_input_pipelines > 1:
         ds = ds.shard(num_input_pipelines, input_pipeline_id)
     if max_images is not None:
