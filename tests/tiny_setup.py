@@ -30,6 +30,7 @@ def tiny_config(records_dir: str, **train_overrides):
     c.data.source_dir = records_dir
     c.data.generate_synthetic = False
     c.data.shuffle_buffer = 16
+    c.data.deterministic_input = True  # exact streams: resumed and uninterrupted runs compare equal
     c.model.image_size = 32
     c.model.units = 16
     c.model.embed_dim = 8

@@ -54,7 +54,9 @@ def pipeline_spec(config, manifest: dict, split: str) -> pipeline.PipelineSpec:
         data_dir=feature_cache.data_dir_of(config), split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-        shuffle_buffer=config.data.shuffle_buffer)
+        shuffle_buffer=config.data.shuffle_buffer,
+        caption_buckets=pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0)),
+        deterministic=config.data.get("deterministic_input", True))
 
 
 def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
