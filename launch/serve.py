@@ -31,7 +31,9 @@ _BATCHING = flags.DEFINE_boolean("batching", True, "Micro-batch concurrent reque
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 32, "Most images per model call when batching.")
 _BATCH_TIMEOUT_MS = flags.DEFINE_float("batch_timeout_ms", 5.0, "How long a batch's first image may wait for "
                                        "more before the batch runs, in milliseconds.")
-_MAX_CALLS = flags.DEFINE_integer("max_concurrent_calls", 4, "With --nobatching: model calls running at once.")
+_BATCH_THREADS = flags.DEFINE_integer("num_batch_threads", 2, "Batches the model runs at once when batching.")
+_MAX_CALLS = flags.DEFINE_integer("max_concurrent_calls", 1, "With --nobatching: model calls running at once "
+                                  "(default one at a time).")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -45,6 +47,7 @@ def main(argv):
                               "whose export in model_dir/export is served).")
         for name, value in (("max_request_mb", _MAX_REQUEST_MB.value), ("max_image_megapixels", _MAX_MEGAPIXELS.value),
                             ("max_images_per_request", _MAX_IMAGES.value), ("max_batch_size", _MAX_BATCH.value),
+                            ("num_batch_threads", _BATCH_THREADS.value),
                             ("max_concurrent_calls", _MAX_CALLS.value)):
             if value <= 0:
                 raise ConfigError(f"--{name}={value} must be positive.")
@@ -59,7 +62,8 @@ def main(argv):
             max_request_bytes=int(_MAX_REQUEST_MB.value * 2**20),
             max_image_pixels=int(_MAX_MEGAPIXELS.value * 1e6),
             max_images_per_request=_MAX_IMAGES.value, batching=_BATCHING.value, max_batch_size=_MAX_BATCH.value,
-            max_wait_ms=_BATCH_TIMEOUT_MS.value, max_concurrent_calls=_MAX_CALLS.value)
+            max_wait_ms=_BATCH_TIMEOUT_MS.value, num_batch_threads=_BATCH_THREADS.value,
+            max_concurrent_calls=_MAX_CALLS.value)
         application = make_app(captioner, settings)
 
     def on_ready(url):

@@ -14,11 +14,11 @@ class BlockingModel:
     def __init__(self):
         self.batches = []
         self.gate = threading.Event()
-        self.entered = threading.Event()
+        self.entered = threading.Semaphore(0)  # released once per call that entered
 
     def __call__(self, items):
         self.batches.append(list(items))
-        self.entered.set()
+        self.entered.release()
         assert self.gate.wait(timeout=30), "test never opened the gate"
         if "boom" in items:
             raise ValueError("model failed")
@@ -33,12 +33,12 @@ def test_requests_that_arrive_while_the_model_runs_form_capped_batches():
     model = BlockingModel()
 
     async def scenario():
-        batcher = MicroBatcher(model, max_batch_size=4, max_wait_ms=200)
+        batcher = MicroBatcher(model, max_batch_size=4, max_wait_ms=200, num_batch_threads=1)
         await batcher.start()
         first = asyncio.ensure_future(batcher.submit(["a"]))
         await asyncio.sleep(0)  # "a" is queued before the rest, so its batch opens first
         # Wait (in a thread, not blocking the loop) until the model runs the first batch, then queue more.
-        await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 30)
+        assert await asyncio.get_running_loop().run_in_executor(None, model.entered.acquire, True, 30)
         later = [asyncio.ensure_future(batcher.submit(items))
                  for items in (["b", "c"], ["d"], ["e", "f", "g"], ["h"])]
         await asyncio.sleep(0.05)
@@ -55,6 +55,28 @@ def test_requests_that_arrive_while_the_model_runs_form_capped_batches():
     assert model.batches[0] == ["a"]
     assert model.batches[1:] == [["b", "c", "d", "e"], ["f", "g", "h"]]  # queued items, at most 4 per call
     assert stats["calls"] == 3 and stats["images"] == 8 and stats["largest_batch"] == 4
+
+
+def test_a_second_worker_runs_the_next_batch_while_the_first_is_busy():
+    model = BlockingModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=4, max_wait_ms=1, num_batch_threads=2)
+        await batcher.start()
+        acquire = asyncio.get_running_loop().run_in_executor
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        assert await acquire(None, model.entered.acquire, True, 30)
+        second = asyncio.ensure_future(batcher.submit(["b", "c"]))
+        # The second batch enters the model although the first has not returned (the gate is still closed).
+        assert await acquire(None, model.entered.acquire, True, 30)
+        assert not first.done()
+        model.gate.set()
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return results
+
+    assert _run(scenario()) == [["result:a"], ["result:b", "result:c"]]
+    assert model.batches == [["a"], ["b", "c"]]
 
 
 def test_a_lone_request_runs_after_the_wait_without_company():
@@ -111,3 +133,5 @@ def test_bad_settings_are_refused():
         MicroBatcher(lambda items: items, max_batch_size=0)
     with pytest.raises(ValueError, match="max_wait_ms"):
         MicroBatcher(lambda items: items, max_wait_ms=-1)
+    with pytest.raises(ValueError, match="num_batch_threads"):
+        MicroBatcher(lambda items: items, num_batch_threads=0)

@@ -42,7 +42,8 @@ class ServerSettings:
     batching: bool = True  # micro-batch concurrent requests into one signature call
     max_batch_size: int = 32  # images per call
     max_wait_ms: float = 5.0  # how long a batch's first image waits for company
-    max_concurrent_calls: int = 4  # batching off: calls running at once
+    num_batch_threads: int = 2  # batches running at once
+    max_concurrent_calls: int = 1  # batching off: calls running at once (1: one at a time)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -89,7 +90,7 @@ class CaptionService:
         self.settings = settings
         if settings.batching:
             self.caller = MicroBatcher(captioner.caption, max_batch_size=settings.max_batch_size,
-                                       max_wait_ms=settings.max_wait_ms)
+                                       max_wait_ms=settings.max_wait_ms, num_batch_threads=settings.num_batch_threads)
         else:
             self.caller = UnbatchedCaller(captioner.caption, max_concurrent_calls=settings.max_concurrent_calls)
         with open(PAGE_PATH, encoding="utf-8") as f:
