@@ -50,6 +50,7 @@ def main(argv):
         from showtell_dist.evaluation.evaluator import evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
         from showtell_dist.model.restore import load_trained_model
+        from showtell_dist.training.checkpoint_selection import read_selection
 
         check_java()
         model_dir = _MODEL_DIR.value.rstrip("/")
@@ -62,7 +63,8 @@ def main(argv):
               f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
         summary = evaluate_split(trained, records_dir, _SPLIT.value, strategy, output_dir,
                                  max_images=_MAX_IMAGES.value, batch_size=_BATCH.value, use_meteor=_METEOR.value,
-                                 report_images=_REPORT.value, progress=_PROGRESS.value, **options)
+                                 report_images=_REPORT.value, progress=_PROGRESS.value,
+                                 selection=read_selection(model_dir), **options)  # val curves in report.html
         speed = summary["images_per_s"]
         print(f"{summary['num_images']} images" + (f", {speed:.1f} images/s" if speed else ""))
         print(format_metrics_table(summary["metrics"]))

@@ -313,8 +313,11 @@ def coco_results(results: list[dict]) -> list[dict]:
 def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy: tf.distribute.Strategy,
                    output_dir: str, *, beam_width: int = 3, max_images: int | None = None,
                    batch_size: int | None = None, length_normalization: str = "average", alpha: float = 0.6,
-                   use_meteor: bool = True, report_images: int = 10, progress: bool = True) -> dict:
+                   use_meteor: bool = True, report_images: int = 10, progress: bool = True,
+                   selection: dict | None = None) -> dict:
     """Captions a split, scores it and writes metrics.json, captions.json and report.html to output_dir.
+
+    selection: the run's model_dir/best/selection.json, whose val history report.html draws as curves.
 
     Returns the metrics.json content: {"metrics": {name: score}, "split", "num_images", "beam_width",
     "length_normalization", "alpha", "checkpoint", "step", "images_per_s" (after the first batch,
@@ -362,6 +365,8 @@ def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy
     jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
-        f.write(report.render_report(summary, best, worst, jpegs))
+        stats = report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
+                                          vocabulary=trained.tokenizer.words, split_words=trained.tokenizer.split_words)
+        f.write(report.render_report(summary, best, worst, jpegs, selection=selection, statistics=stats))
     _write_json(files[METRICS_FILE], summary)
     return summary
