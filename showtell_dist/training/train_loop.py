@@ -23,6 +23,8 @@ from tqdm import tqdm
 from showtell_dist.data import feature_cache, pipeline
 from showtell_dist.data.prepare import VOCABULARY, load_manifest
 from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, resolve_precision,
+                                                resolve_use_cudnn)
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
@@ -32,8 +34,6 @@ from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import Trainer
-
-MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -57,9 +57,10 @@ def pipeline_spec(config, manifest: dict, split: str) -> pipeline.PipelineSpec:
 
 
 def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
-    policy = config.train.mixed_precision or ""
-    if policy not in MIXED_PRECISION:
-        raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {policy!r}")
+    # Precision and LSTM kernel per device kind (distribute/precision.py): bf16 on TPUs, no cuDNN under XLA.
+    kind = device_kind(strategy)
+    policy = resolve_precision(config.train.mixed_precision, kind,
+                               cpu_fast_bf16=kind == "cpu" and cpu_has_fast_bf16())
     if config.train.global_batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"global_batch_size {config.train.global_batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas of the strategy.")
@@ -70,18 +71,20 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
-    keras.mixed_precision.set_global_policy(policy or "float32")
+    tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
         # The encoder is built (with its weights) even when training from cached features, so that
         # checkpoints and exports are those of a model trained from images.
-        model = build_model(config.model, tokenizer.vocab_size)
+        model = build_model(config.model, tokenizer.vocab_size,
+                            use_cudnn=resolve_use_cudnn(kind, config.train.jit_compile))
     feature_cache.check_feature_dim(manifest, model, data_dir)
-    trainer = Trainer(strategy, model, config.train, mixed_precision=policy or None,
+    trainer = Trainer(strategy, model, config.train, mixed_precision=None if policy == "float32" else policy,
                       jit_compile=config.train.jit_compile)
     extra = {"weight_average": trainer.weight_average.averages} if trainer.weight_average else {}
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step,
-                                     rng_state=model.rng_state_variables(), **extra)
+    # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step, **extra)
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
 
 

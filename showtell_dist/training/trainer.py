@@ -23,6 +23,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from showtell_dist.model.show_and_tell import dropout_seed
 from showtell_dist.training.loss import masked_token_loss_sum
 from showtell_dist.training.optimizer import build_optimizer
 from showtell_dist.training.weight_average import WeightAverage
@@ -47,6 +48,7 @@ class Trainer:
         self.strategy = strategy
         self.model = model
         self.clip_norm = float(train_config.clip_norm)
+        self.seed = int(train_config.get("seed", 0))
         self.jit_compile = jit_compile
         with strategy.scope():
             self.optimizer = build_optimizer(train_config, mixed_precision)
@@ -80,12 +82,20 @@ class Trainer:
         return float(lr(self.current_step()) if callable(lr) else lr)
 
     # -- replica steps -------------------------------------------------------
-    def _loss_sum(self, state, inputs, targets, training: bool = False) -> tf.Tensor:
+    def replica_dropout_seed(self) -> tf.Tensor:
+        """In a replica context: this replica's dropout seed for the coming step (from train.seed,
+        the step and the replica's id across all workers)."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return dropout_seed(self.seed, self.step.read_value(), replica)
+
+    def _loss_sum(self, state, inputs, targets, training: bool = False, seed=None) -> tf.Tensor:
         """Summed cross-entropy over the real target tokens of [rows, time] inputs/targets."""
         if not self._real_positions_only:
-            return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs, training))[0]
+            return masked_token_loss_sum(
+                targets, self.model.decode_sequence(state, inputs, training, dropout_seed=seed))[0]
         positions = tf.where(tf.not_equal(targets, 0))  # [real tokens, 2]
-        logits = self.model.decode_sequence(state, inputs, training, positions=positions)  # [real tokens, vocab]
+        logits = self.model.decode_sequence(state, inputs, training, positions=positions,
+                                            dropout_seed=seed)  # [real tokens, vocab]
         return masked_token_loss_sum(tf.gather_nd(targets, positions), logits)[0]
 
     def _replica_train_step_fn(self, batch):
@@ -95,10 +105,11 @@ class Trainer:
         local_tokens = _count_tokens(targets)
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
         variables = self.model.trainable_variables
+        seed = self.replica_dropout_seed()
         with tf.GradientTape() as tape:
             features = self.model.batch_features(batch, training=True)
-            state = self.model.initial_state(features, training=True, repeats=captions.shape[1])
-            loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True), tf.float32)
+            state = self.model.initial_state(features, training=True, repeats=captions.shape[1], dropout_seed=seed)
+            loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True, seed=seed), tf.float32)
             loss = loss_sum / global_tokens
             if self._loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
