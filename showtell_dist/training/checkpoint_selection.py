@@ -134,4 +134,4 @@ def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = feature_cache.data_dir_of(trained.config)
     return evaluate_split(trained, data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
-                          progress=progress, **eval_options(trained.config))
+                          progress=progress, selection=read_selection(model_dir), **eval_options(trained.config))
