@@ -97,11 +97,12 @@ class ShowAndTell(keras.Model):
             x = tf.gather_nd(x, positions)  # [n, units]
         return self.logits(self.out_dropout(x, training=training))
 
-    def decode_step(self, tokens: tf.Tensor, state):
-        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c)."""
+    def decode_step(self, tokens: tf.Tensor, state, training: bool = False):
+        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c).
+        training=True applies the output dropout (self-critical sampling may use it)."""
         x = self.embedding(tokens)
-        h, (h, c) = self.lstm.cell(x, list(state), training=False)
-        return self.logits(h), (h, c)
+        h, (h, c) = self.lstm.cell(x, list(state), training=training)
+        return self.logits(self.out_dropout(h, training=training)), (h, c)
 
     def call(self, inputs, training=False):
         """(images [batch, H, W, 3], tokens [batch, time]) -> logits [batch, time, vocab]."""
