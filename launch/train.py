@@ -59,7 +59,9 @@ def main(argv):
         print(cli.format_metrics(metrics), flush=True)
         if metrics.get("preempted"):
             sys.exit(143)
-        if "best_step" in metrics and metrics["step"] == config.train.steps:
+        from showtell_dist.training.phases import total_steps
+
+        if "best_step" in metrics and metrics["step"] == total_steps(config):
             from showtell_dist.evaluation.metrics import format_metrics_table
             from showtell_dist.training.checkpoint_selection import evaluate_selected
 
