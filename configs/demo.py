@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 500
     c.train.eval_max_images = 0      # 0: the whole validation split
-    c.train.mixed_precision = ""     # "", "mixed_float16" or "mixed_bfloat16"
+    c.train.summary_images = 8       # val images captioned into TensorBoard (model_dir/eval) at each eval; 0: off
+    c.train.mixed_precision = ""     # "" (float32; bf16 on TPU), "float32", "auto", "mixed_float16", "mixed_bfloat16"
     c.train.jit_compile = False
     c.train.weight_average_decay = 0.0  # > 0: evaluate and export a moving average of the weights
 

@@ -26,8 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and config (local or gs://). "
                                  "Default: runs/<config name>.")
 _JIT = flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (overrides the config).")
-_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "mixed_float16", "mixed_bfloat16"],
-                           "Mixed-precision policy (overrides the config).")
+_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "float32", "auto", "mixed_float16", "mixed_bfloat16"],
+                           "Precision (overrides the config): none = the device's default (mixed_bfloat16 on a "
+                           "TPU, else float32); auto = mixed_bfloat16 where the device multiplies bf16 fast (TPU, "
+                           "CPU with AMX/AVX512-BF16), else float32.")
 _SAMPLES = flags.DEFINE_integer("num_examples", None, "Held-out images to caption at the end.")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "End this run (with a checkpoint) at this step; "
                                 "a later run resumes. For time-sliced jobs.")

@@ -83,7 +83,8 @@ def test_manifest_describes_the_cache(cache, tiny_dataset, weights):
         assert all(c["bytes"] < o["bytes"] for c, o in zip(cached["shards"], s["shards"]))  # no image bytes
     names = sorted(os.listdir(out))
     assert names == sorted([s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
-                           + ["manifest.json", "vocab.json"])  # no temporaries left
+                           + ["manifest.json", "vocab.json",
+                              "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
     validate_dataset(out, manifest, check_local_md5=True)  # sizes and md5s are those of the new shards
     with open(os.path.join(out, "vocab.json")) as a, open(os.path.join(records_dir, "vocab.json")) as b:
@@ -142,15 +143,16 @@ def test_pipelines_yield_features_and_the_same_captions(cache, tiny_dataset, wei
     assert spec_f.data_dir == out
     a = next(iter(pipeline.train_input_fn(source, spec_i, start_step=3)(ctx)))
     b = next(iter(pipeline.train_input_fn(manifest, spec_f, start_step=3)(ctx)))
-    assert set(b) == {"features", "captions", "image_id"} and b["features"].shape == [8, manifest["features"]["dim"]]
+    assert set(b) == {"features", "captions"} and b["features"].shape == [8, manifest["features"]["dim"]]
     assert b["features"].dtype == tf.float32
     np.testing.assert_array_equal(a["captions"], b["captions"])  # same stream, same resume skip
-    np.testing.assert_array_equal(a["image_id"], b["image_id"])
 
     spec = dataclasses.replace(train_loop.pipeline_spec(config, manifest, "val"), global_batch_size=5)
     batches = list(pipeline.eval_input_fn(manifest, spec)(ctx).take(pipeline.eval_steps(manifest, spec, 1)))
-    ids = [i for b in batches for i in b["image_id"].numpy()]
-    assert len(batches) == 3 and ids[12:] == [b""] * 3 and b"" not in ids[:12]
+    indices = [int(i) for b in batches for i in b["index"].numpy()]
+    assert len(batches) == 3 and indices[12:] == [-1] * 3 and sorted(indices[:12]) == list(range(12))
+    ids = pipeline.eval_image_ids(manifest, spec)
+    assert sorted(ids) == list(range(12)) and len(set(ids.values())) == 12
     assert not np.any(batches[-1]["features"][2:]) and not np.any(batches[-1]["captions"][2:])
 
 

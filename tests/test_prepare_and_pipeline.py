@@ -59,7 +59,8 @@ def test_prepare_reports_every_bad_input_and_writes_only_good_records(tmp_path):
     assert manifest["splits"]["val"]["images"] == 1
     assert len(train["shards"]) == 4 and all(s["file"].startswith("train-") for s in train["shards"])
     assert sorted(os.listdir(out)) == sorted([s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
-                                             + ["manifest.json", "vocab.json"])  # no temporaries left
+                                             + ["manifest.json", "vocab.json",
+                                                "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
     assert "skipped: " in summarize(manifest)
 
@@ -113,7 +114,7 @@ def test_train_pipeline_shapes_and_determinism(tiny_dataset):
     resumed = list(pipeline.train_input_fn(manifest, spec, start_step=3)(ctx).take(4))
     for x, y in zip(batches[3:], resumed):
         np.testing.assert_array_equal(x["captions"], y["captions"])
-        np.testing.assert_array_equal(x["image_id"], y["image_id"])
+        np.testing.assert_array_equal(x["images"], y["images"])
 
 
 def test_missing_captions_are_zero_rows(tiny_dataset):
@@ -126,13 +127,47 @@ def test_missing_captions_are_zero_rows(tiny_dataset):
 def test_eval_pipeline_covers_every_image_once_across_pipelines(tiny_dataset):
     records_dir, manifest = tiny_dataset
     spec = _spec(records_dir, manifest, split="val", batch=8)  # 12 val images
-    ids = []
+    indices = []
     for index in range(2):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=index, num_replicas_in_sync=2)
         steps = pipeline.eval_steps(manifest, spec, 2)
         for batch in pipeline.eval_input_fn(manifest, spec)(ctx).take(steps):
-            ids += [i for i in batch["image_id"].numpy().tolist() if i]
-    assert len(ids) == 12 and len(set(ids)) == 12
+            indices += [i for i in batch["index"].numpy().tolist() if i >= 0]
+    assert sorted(indices) == list(range(12))
+    # The host maps each index to the id of the record at that position of the split (shard after shard).
+    files = pipeline.shard_files(manifest, spec)
+    in_order = [records.parse_example(r)["image_id"].numpy().decode() for r in tf.data.TFRecordDataset(files)]
+    assert pipeline.eval_image_ids(manifest, spec, num_input_pipelines=2) == dict(enumerate(in_order))
+
+
+def non_numeric(element_spec) -> list[str]:
+    """The tensors of a (distributed) dataset's element_spec that a TPU's infeed would refuse."""
+    flat = tf.nest.flatten(element_spec, expand_composites=True)
+    assert flat and all(isinstance(s, tf.TensorSpec) for s in flat)
+    return [repr(s) for s in flat if not (s.dtype.is_floating or s.dtype.is_integer or s.dtype.is_bool)]
+
+
+def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
+    """Every batch a pipeline yields goes whole into strategy.run: no strings (a TPU infeed refuses them)."""
+    from showtell_dist.data import feature_cache
+
+    records_dir, manifest = tiny_dataset
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    specs = {
+        "train": pipeline.train_input_fn(manifest, _spec(records_dir, manifest)),
+        "val loss / decoding": pipeline.eval_input_fn(manifest, _spec(records_dir, manifest, split="val")),
+    }
+    for name, input_fn in specs.items():
+        dataset = strategy.distribute_datasets_from_function(input_fn)
+        assert non_numeric(dataset.element_spec) == [], name
+        batch = next(iter(dataset))
+        got = strategy.run(lambda b: tf.nest.map_structure(tf.identity, b), args=(batch,))
+        assert non_numeric(tf.nest.map_structure(tf.type_spec_from_value,
+                                                 strategy.experimental_local_results(got))) == [], name
+    files = pipeline.shard_files(manifest, _spec(records_dir, manifest))
+    caching = strategy.experimental_distribute_dataset(
+        feature_cache._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
+    assert non_numeric(caching.element_spec) == []
 
 
 @pytest.mark.skipif(not os.path.isdir(FLICKR8K), reason="../shared/data/flickr8k is not present")
@@ -157,3 +192,23 @@ def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
     size, _ = write_records_atomically(str(tmp_path / "ours.tfrecord"), payloads)
     assert size == os.path.getsize(reference)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
+
+
+def test_records_of_older_word_splitting_rules_are_refused_before_training(tmp_path):
+    import json
+
+    import ml_collections
+
+    from showtell_dist.data.prepare import ensure_prepared
+
+    _tutorial_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    manifest = prepare_dataset(str(tmp_path / "in"), str(out), PrepareOptions())
+    assert manifest["vocabulary"]["tokenizer_rules"] == Tokenizer.load(str(out / "vocab.json")).rules
+    config = ml_collections.ConfigDict({"data": {"records_dir": str(out)}})
+    assert ensure_prepared(config)["max_len"] == manifest["max_len"]  # current rules: reused as they are
+    vocab = json.loads((out / "vocab.json").read_text())
+    del vocab["tokenizer_rules"]  # as written before the rules were versioned
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DataError, match="tokenizer rules 'spacy-default'.*prepare the dataset again"):
+        ensure_prepared(config)

@@ -6,6 +6,7 @@ almost all of the compute. `cache_features` runs the configured encoder once
 per image of prepared records and writes, into `output_dir` (local or gs://):
 
   vocab.json                              copied from the records
+  cider_document_frequencies.npz          copied from the records when they have it
   {split}-00000-of-000NN.tfrecord ...     the same shards, records and order as
                                           the source; each example keeps image/id
                                           and the captions, and carries
@@ -39,8 +40,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.data import pipeline, records
-from showtell_dist.data.prepare import (MANIFEST, VOCABULARY, load_manifest, write_json_atomically,
-                                        write_records_atomically)
+from showtell_dist.data.prepare import (DOCUMENT_FREQUENCIES, MANIFEST, VOCABULARY, load_manifest,
+                                        write_json_atomically, write_records_atomically)
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.model.encoders import IMAGE_SIZES, build_encoder
@@ -262,6 +263,12 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     vocab_tmp = _join(output_dir, f"{VOCABULARY}.tmp-{uuid.uuid4().hex}")
     tf.io.gfile.copy(_join(records_dir, source["vocabulary"]["file"]), vocab_tmp, overwrite=True)
     tf.io.gfile.rename(vocab_tmp, _join(output_dir, VOCABULARY), overwrite=True)
+    if (source.get("cider_document_frequencies") or {}).get("file"):
+        df_tmp = _join(output_dir, f"{DOCUMENT_FREQUENCIES}.tmp-{uuid.uuid4().hex}")
+        tf.io.gfile.copy(_join(records_dir, source["cider_document_frequencies"]["file"]), df_tmp, overwrite=True)
+        tf.io.gfile.rename(df_tmp, _join(output_dir, DOCUMENT_FREQUENCIES), overwrite=True)
+    elif tf.io.gfile.exists(_join(output_dir, DOCUMENT_FREQUENCIES)):  # an earlier cache's, not these records'
+        tf.io.gfile.remove(_join(output_dir, DOCUMENT_FREQUENCIES))
     manifest = dict(source)
     manifest.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,7 +6,16 @@ each image once and its captions share that encoding:
   images    [batch, height, width, 3] float32, pixel values 0..255
   captions  [batch, captions_per_image, max_len] int32, 0-padded; a row of
             zeros is a missing caption and carries no loss
-  image_id  [batch] string
+
+and, in evaluation pipelines only,
+
+  index     [batch] int32, the image's position in its split (the records'
+            order: shard after shard); -1 for padding
+
+No element holds a string: everything an element carries is sent to the
+replicas (`strategy.run` takes the whole batch) and a TPU's infeed takes no
+string tensors. The host maps an evaluation `index` back to the image's id
+with `eval_image_ids`.
 
 Over a features cache (a manifest with "kind": "features", see
 feature_cache.py) an element carries `features` [batch, dim] float32, the
@@ -94,8 +103,7 @@ def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
         inputs = {"features": parsed["features"]}
     else:
         inputs = {"images": decode_image(parsed["jpeg"], spec.image_size)}
-    return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed),
-            "image_id": parsed["image_id"]}
+    return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed)}
 
 
 def _parser(manifest: dict):
@@ -107,12 +115,12 @@ def _parser(manifest: dict):
 
 
 def _empty_element(manifest: dict, spec: PipelineSpec) -> dict:
-    """A padding element: no image (zeros), no captions, image_id ""."""
+    """A padding element: no image (zeros), no captions, index -1."""
     dim = feature_dim(manifest)
     inputs = ({"images": tf.zeros([spec.image_size, spec.image_size, 3])} if dim is None
               else {"features": tf.zeros([dim])})
     return {**inputs, "captions": tf.zeros([spec.captions_per_image, spec.max_len], tf.int32),
-            "image_id": tf.constant("")}
+            "index": tf.constant(-1, tf.int32)}
 
 
 def _records(files: list[str], context: tf.distribute.InputContext, spec: PipelineSpec, shuffle: bool):
@@ -164,24 +172,63 @@ def eval_steps(manifest: dict, spec: PipelineSpec, num_input_pipelines: int,
     return max(1, math.ceil(per_pipeline / (spec.global_batch_size // num_input_pipelines)))
 
 
+def _indexed_records(manifest: dict, spec: PipelineSpec, num_input_pipelines: int, input_pipeline_id: int,
+                     max_images: int | None) -> tf.data.Dataset:
+    """(index int32, serialized) of one evaluation input pipeline's share of the split, in order.
+
+    index is the record's position in the split (shard after shard, as the
+    manifest lists them); the stream interleaves the shards and each
+    pipeline takes every num_input_pipelines-th record of it.
+    """
+    files = shard_files(manifest, spec)
+    counts = [s["records"] for s in manifest["splits"][spec.split]["shards"] if s["records"] > 0]
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+
+    def read(path, first):
+        return tf.data.TFRecordDataset(path).enumerate().map(
+            lambda i, serialized: (tf.cast(first + i, tf.int32), serialized))
+
+    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(firsts, tf.int64))).interleave(
+        read, cycle_length=min(8, len(files)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if num_input_pipelines > 1:
+        ds = ds.shard(num_input_pipelines, input_pipeline_id)
+    if max_images is not None:
+        ds = ds.take(math.ceil(max_images / num_input_pipelines))
+    return ds
+
+
 def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = None):
     """Returns fn(InputContext) -> finite dataset of static-shape per-replica batches.
 
     Each pipeline yields its share of the split in order, the last batch padded
-    with empty images (no captions, so no loss) and then all-padding batches, so
-    that every worker runs the same number of steps (`eval_steps`).
+    with empty images (no captions, so no loss, index -1) and then all-padding
+    batches, so that every worker runs the same number of steps (`eval_steps`).
     """
-    files = shard_files(manifest, spec)
     parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(spec.global_batch_size)
-        ds = _records(files, context, spec, shuffle=False)
-        if max_images is not None:
-            ds = ds.take(math.ceil(max_images / context.num_input_pipelines))
-        ds = ds.map(lambda s: _to_element(parse_example(s), spec),
+        ds = _indexed_records(manifest, spec, context.num_input_pipelines, context.input_pipeline_id, max_images)
+        ds = ds.map(lambda index, s: {**_to_element(parse_example(s), spec), "index": index},
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(_empty_element(manifest, spec)).repeat())
         return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     return input_fn
+
+
+def eval_image_ids(manifest: dict, spec: PipelineSpec, max_images: int | None = None,
+                   num_input_pipelines: int = 1) -> dict[int, str]:
+    """{index: image_id} of every image the evaluation pipelines yield (`eval_input_fn`), read on the host.
+
+    Only the image ids are parsed, and only of the records the pipelines take.
+    """
+    ids: dict[int, str] = {}
+    only_id = {"image/id": tf.io.FixedLenFeature([], tf.string)}
+    for pipeline_id in range(num_input_pipelines):
+        ds = _indexed_records(manifest, spec, num_input_pipelines, pipeline_id, max_images).map(
+            lambda index, s: (index, tf.io.parse_single_example(s, only_id)["image/id"]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        for index, image_id in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            ids[int(index)] = image_id.decode("utf-8")
+    return ids

@@ -6,6 +6,8 @@ tokenizer on the training captions only, and writes into `output_dir`
 
   vocab.json                              the tokenizer (see tokenizer.py)
   {split}-00000-of-000NN.tfrecord ...     one Example per image (records.py)
+  cider_document_frequencies.npz          CIDEr-D n-gram document frequencies of
+                                          the train references (reward/cider_d.py)
   manifest.json                           counts, shard sizes and checksums,
                                           and every skipped item with its reason
 
@@ -35,9 +37,11 @@ from showtell_dist.data import layouts
 from showtell_dist.data import records
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.errors import DataError
+from showtell_dist.reward.cider_d import KEY_BASE, DocumentFrequencies, word_ids_np
 
 MANIFEST = "manifest.json"
 VOCABULARY = "vocab.json"
+DOCUMENT_FREQUENCIES = "cider_document_frequencies.npz"
 FORMAT_VERSION = 1
 
 
@@ -153,6 +157,9 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
                 progress(info)
 
     tokenizer.save(f"{output_dir.rstrip('/')}/{VOCABULARY}")
+    unwritten = {s.item for s in skipped}
+    train_refs = [token_ids[e.image_id] for e in corpus.splits["train"] if e.image_id not in unwritten]
+    document_frequencies = write_document_frequencies(output_dir, train_refs, tokenizer.vocab_size)
     splits = {}
     for split, infos in shards.items():
         infos.sort(key=lambda s: s["file"])
@@ -163,8 +170,10 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": corpus.source,
         "vocabulary": {"file": VOCABULARY, "size": tokenizer.vocab_size, "fitted_on": "train",
-                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size},
+                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size,
+                       "tokenizer_rules": tokenizer.rules},
         "max_len": tokenizer.max_len,
+        "cider_document_frequencies": document_frequencies,
         "truncated_captions": truncated,
         "splits": splits,
         "skipped": [dataclasses.asdict(s) for s in skipped],
@@ -172,6 +181,18 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     # The manifest is written last: its presence means the dataset is complete.
     write_json_atomically(f"{output_dir.rstrip('/')}/{MANIFEST}", manifest)
     return manifest
+
+
+def write_document_frequencies(output_dir: str, train_refs: list[list[list[int]]], vocab_size: int) -> dict:
+    """Writes the CIDEr-D document frequencies of the train references (token ids per caption, per image);
+    returns the manifest entry, which says why when there is no file."""
+    if vocab_size > KEY_BASE or not train_refs:
+        reason = (f"vocabulary of {vocab_size} ids exceeds CIDEr-D's {KEY_BASE}" if train_refs
+                  else "no train images")
+        return {"file": None, "reason": reason}
+    df = DocumentFrequencies.from_references([[word_ids_np(c) for c in caps] for caps in train_refs])
+    df.save(f"{output_dir.rstrip('/')}/{DOCUMENT_FREQUENCIES}")
+    return {"file": DOCUMENT_FREQUENCIES, "split": "train", "images": df.num_docs, "ngrams": len(df)}
 
 
 def write_json_atomically(path: str, obj) -> None:
@@ -229,7 +250,10 @@ def ensure_prepared(config, log=print) -> dict:
     """
     records_dir = config.data.records_dir
     if tf.io.gfile.exists(f"{records_dir.rstrip('/')}/{MANIFEST}"):
-        return load_manifest(records_dir)
+        manifest = load_manifest(records_dir)
+        vocabulary = f"{records_dir.rstrip('/')}/{VOCABULARY}"
+        Tokenizer.load(vocabulary).check_rules(vocabulary)  # before features are cached from old records
+        return manifest
     source = config.data.source_dir
     if config.data.generate_synthetic:
         from showtell_dist.data import synthetic

@@ -5,13 +5,15 @@
     summary = evaluate_split(trained, records_dir, "test", strategy, output_dir)
 
 `decode_split` streams the split's records through `pipeline.eval_input_fn`
-(static-shape batches, the last one padded with empty images whose image_id is
-"") with `strategy.distribute_datasets_from_function`. Each batch is one call
+(static-shape batches of numeric tensors only, the last one padded with empty
+images whose index is -1) with `strategy.distribute_datasets_from_function`. Each batch is one call
 of a compiled `tf.function` that, under `strategy.run`, encodes every image
 once and beam-searches all of them together (`beam_search` over
 `model.decode_step`, <unk> and <start> never generated). The per-replica
 results are brought to the host with `strategy.experimental_local_results`,
-padding rows dropped, and token ids turned into words by the tokenizer.
+padding rows dropped, each image's index mapped back to its image_id on the
+host (`pipeline.eval_image_ids`), and token ids turned into words by the
+tokenizer.
 
 `records_dir` may also be a features cache (feature_cache.py) that fits the
 model's frozen encoder: batches then carry the encoder's features and decoding
@@ -193,6 +195,7 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
         global_batch_size=_global_batch_size(batch_size, replicas, num_images))
     steps = pipeline.eval_steps(manifest, spec, 1, max_images)
     dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images))
+    image_ids = pipeline.eval_image_ids(manifest, spec, max_images)  # {index: image_id}; no strings on the device
     replica_decode = build_beam_decoder(trained, beam_width=beam_width, length_normalization=length_normalization,
                                         alpha=alpha, from_features=from_features)
     input_key = "features" if from_features else "images"  # a features cache: the encoder is skipped
@@ -215,15 +218,15 @@ def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, ma
         for _ in range(steps):
             batch = next(iterator)
             tokens, scores = decode_batch(batch[input_key])
-            for ids, t, s in zip(strategy.experimental_local_results(batch["image_id"]),
-                                 strategy.experimental_local_results(tokens),
-                                 strategy.experimental_local_results(scores)):
-                ids = [i.decode("utf-8") for i in ids.numpy()]
-                real = [k for k, i in enumerate(ids) if i]  # padding rows have image_id ""
+            for indices, t, s in zip(strategy.experimental_local_results(batch["index"]),
+                                     strategy.experimental_local_results(tokens),
+                                     strategy.experimental_local_results(scores)):
+                indices = indices.numpy()
+                real = [k for k, i in enumerate(indices) if i >= 0]  # padding rows have index -1
                 if not real:
                     continue
                 decoded = detokenize(trained.tokenizer, t.numpy()[real], s.numpy()[real])
-                results.extend({"image_id": ids[k], **d} for k, d in zip(real, decoded))
+                results.extend({"image_id": image_ids[int(indices[k])], **d} for k, d in zip(real, decoded))
                 bar.update(len(real))
             if first_batch_end is None:
                 first_batch_end, first_batch_images = time.perf_counter(), len(results)

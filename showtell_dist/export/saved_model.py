@@ -13,7 +13,8 @@ first frame, BMP) and resizing as in training, the encoder, beam search (one
 `tf.while_loop`) and detokenisation (a `tf.gather` over the vocabulary, kept
 as a graph constant, then `tf.strings.reduce_join` over a ragged tensor).
 The export needs only core TensorFlow ops, so the loader imports nothing but
-`tensorflow`. The vocabulary is also written to `assets/vocab.json`.
+`tensorflow`. It loads with `tf.saved_model.load` and with the session-based
+loader of TF Serving and `saved_model_cli run` (see `track_captured_variables`). The vocabulary is also written to `assets/vocab.json`.
 
 Decoding follows `Tokenizer.decode`: tokens after the first end token are
 dropped, so are the padding and start ids; the start and unknown tokens are
@@ -157,4 +158,20 @@ def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len
         except tf.errors.OpError as exc:
             raise ConfigError(f"cannot create export directory {export_dir}: {exc.message}") from exc
         signature = module.serve.get_concrete_function()
+        track_captured_variables(module, signature)
         tf.saved_model.save(module, export_dir, signatures={SIGNATURE_KEY: signature})
+
+
+def track_captured_variables(module: tf.Module, signature) -> None:
+    """Makes the `tf.Variable`s the signature reads direct children of `module`, as Keras'
+    `ExportArchive` does, so that the session-based loader (TF Serving, `saved_model_cli run`,
+    `tf.compat.v1.saved_model.loader.load`) restores them.
+
+    A Keras 3 variable wraps a `tf.Variable`. Reached only through the Keras model, it is
+    saved as a *copy* of that variable (`keras.Variable._export_to_saved_model_graph`), so
+    the MetaGraph's restore op fills the copy while the graph reads the original, which a
+    session then finds uninitialised ("Could not find variable ..."). Tracked directly, the
+    original variable gets its own entry in the restore op. `tf.saved_model.load` works
+    either way.
+    """
+    module.serving_variables = list(signature.variables)

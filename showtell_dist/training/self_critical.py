@@ -90,25 +90,36 @@ class SelfCriticalTrainer(Trainer):
         self.xe_weight = float(scst_config.xe_weight)
         self.dropout = bool(scst_config.dropout)
         self.reward_fn = reward_fn
-        self.seed = int(seed)
         self._banned = banned_mask(model.logits.units, (START_ID, UNK_ID))
         super().__init__(strategy, model, scst_config, mixed_precision=mixed_precision, jit_compile=jit_compile,
-                         run_state=run_state)
+                         run_state=run_state, seed=seed)
 
-    def _decode_step(self, tokens, state):
-        return self.model.decode_step(tokens, state, training=self.dropout)
+    def _sampling_step_fn(self, dropout_seed):
+        """The sampler's step: the model's decode_step, with output dropout when self.dropout (the
+        state then carries a step counter [rows] to fold into the seed)."""
+        if not self.dropout:
+            return self.model.decode_step
 
-    def _sample_log_probs(self, state, samples: tf.Tensor) -> tf.Tensor:
+        def step_fn(tokens, state):
+            h, c, t = state
+            seed = tf.random.experimental.stateless_fold_in(dropout_seed, tf.cast(t[0], tf.int64))
+            logits, (h, c) = self.model.decode_step(tokens, (h, c), dropout_seed=seed)
+            return logits, (h, c, t + 1)
+
+        return step_fn
+
+    def _sample_log_probs(self, state, samples: tf.Tensor, dropout_seed) -> tf.Tensor:
         """Teacher-forced log p of each sample under the sampling distribution: [rows, T] -> [rows]."""
         rows = samples.shape[0]
         inputs = tf.concat([tf.fill([rows, 1], START_ID), samples[:, :-1]], axis=1)  # [rows, T]
         if self._real_positions_only:
             positions = tf.where(tf.not_equal(samples, 0))  # [real tokens, 2]
-            logits = self.model.decode_sequence(state, inputs, self.dropout, positions=positions)  # [n, vocab]
+            logits = self.model.decode_sequence(state, inputs, self.dropout, positions=positions,
+                                                dropout_seed=dropout_seed)  # [n, vocab]
             log_probs = sampling_log_probs(logits, self._banned, self.temperature)
             token_log_probs = tf.gather(log_probs, tf.gather_nd(samples, positions), batch_dims=1)  # [n]
             return tf.math.unsorted_segment_sum(token_log_probs, positions[:, 0], rows)
-        logits = self.model.decode_sequence(state, inputs, self.dropout)  # [rows, T, vocab]
+        logits = self.model.decode_sequence(state, inputs, self.dropout, dropout_seed=dropout_seed)  # [rows, T, V]
         log_probs = sampling_log_probs(logits, self._banned, self.temperature)
         token_log_probs = tf.gather(log_probs, samples, batch_dims=2)  # [rows, T]
         return tf.reduce_sum(token_log_probs * tf.cast(tf.not_equal(samples, 0), token_log_probs.dtype), axis=1)
@@ -121,14 +132,20 @@ class SelfCriticalTrainer(Trainer):
         rows = images * k
         global_rows = rows * ctx.num_replicas_in_sync
         repeat = lambda state, n: tuple(tf.repeat(x, n, axis=0) for x in state)  # noqa: E731
+        # Dropout (scst.dropout) masks: per replica and step, as in the cross-entropy step.
+        dropout_seed = self.replica_dropout_seed()
 
         # Sampling and rewards: no gradient.
         features = self.model.batch_features(batch)  # [B, dim]; a frozen encoder in inference mode
         state = self.model.initial_state(features)  # (h, c) [B, units]; batch-norm statistics fixed
         uniforms = global_uniforms(self.seed, self.step, self.max_len, ctx.replica_id_in_sync_group * rows,
                                    rows)  # [max_len, rows]
-        samples, _ = sample_captions(self._decode_step, repeat(state, k), uniforms, start_id=START_ID,
-                                     end_id=END_ID, banned=self._banned, temperature=self.temperature)
+        sample_state = repeat(state, k)
+        if self.dropout:
+            sample_state += (tf.zeros([rows], tf.int32),)
+        sampling_seed = tf.random.experimental.stateless_fold_in(dropout_seed, 1)
+        samples, _ = sample_captions(self._sampling_step_fn(sampling_seed), sample_state, uniforms, start_id=START_ID, end_id=END_ID,
+                                     banned=self._banned, temperature=self.temperature)
         references = tf.repeat(captions, k, axis=0)  # [rows, C, L]
         rewards = self.reward_fn(samples, references)  # [rows]
         if self.baseline == "mean":
@@ -144,7 +161,7 @@ class SelfCriticalTrainer(Trainer):
         with tf.GradientTape() as tape:
             features = self.model.batch_features(batch)
             state = self.model.initial_state(features)
-            log_p = self._sample_log_probs(repeat(state, k), samples)  # [rows]
+            log_p = self._sample_log_probs(repeat(state, k), samples, dropout_seed)  # [rows]
             loss_sum = -tf.reduce_sum(tf.cast(advantage, log_p.dtype) * log_p)
             loss = loss_sum / float(global_rows)
             xe_sum, tokens = tf.constant(0.0), tf.constant(0.0)
@@ -152,7 +169,8 @@ class SelfCriticalTrainer(Trainer):
                 inputs, targets = _flatten_captions(captions)
                 tokens = _count_tokens(targets)
                 global_tokens = tf.maximum(ctx.all_reduce(SUM, tokens), 1.0)
-                xe_sum = tf.cast(self._loss_sum(repeat(state, refs_per_image), inputs, targets, self.dropout),
+                xe_sum = tf.cast(self._loss_sum(repeat(state, refs_per_image), inputs, targets, self.dropout,
+                                                seed=tf.random.experimental.stateless_fold_in(dropout_seed, 2)),
                                  tf.float32)
                 loss += tf.cast(self.xe_weight * xe_sum / global_tokens, loss.dtype)
             if self._loss_scaled:

@@ -29,18 +29,19 @@ from tqdm import tqdm
 from showtell_dist.data import feature_cache, pipeline
 from showtell_dist.data.prepare import VOCABULARY, load_manifest
 from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, resolve_precision,
+                                                resolve_use_cudnn)
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
+from showtell_dist.training.caption_summaries import CaptionSummaries
 from showtell_dist.training.checkpoint_selection import CheckpointSelector, best_checkpoint
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import RunState, Trainer
 from showtell_dist.training.weight_average import make_average_variables
-
-MIXED_PRECISION = ("", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -70,14 +71,18 @@ def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None
 def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model, run_state: RunState,
                   log=print) -> Trainer:
     """The trainer of a phase: a new optimizer over the run's model, step and weight average."""
-    common = dict(mixed_precision=config.train.mixed_precision or None, jit_compile=config.train.jit_compile,
-                  run_state=run_state)
+    policy = keras.mixed_precision.global_policy().name  # set by build_experiment (resolve_precision)
+    common = dict(mixed_precision=None if policy == "float32" else policy, jit_compile=config.train.jit_compile,
+                  run_state=run_state, seed=config.train.seed)
     if phase.name == "xe":
         return Trainer(strategy, model, config.train, **common)
-    from showtell_dist.reward.cider_d import load_or_compute_document_frequencies
+    from showtell_dist.reward.cider_d import check_vocabulary_fits
+    from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
     from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
 
-    df = load_or_compute_document_frequencies(config.data.records_dir, log=log)
+    check_vocabulary_fits(model.logits.units)
+    # The train split's references: the reward of the dataset the run trains from (records or features).
+    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
     return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df),
                                seed=config.train.seed + phase.index, **common)
 
@@ -103,9 +108,10 @@ def _describe(phase: Phase, num_phases: int) -> str:
 
 
 def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
-    policy = config.train.mixed_precision or ""
-    if policy not in MIXED_PRECISION:
-        raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {policy!r}")
+    # Precision and LSTM kernel per device kind (distribute/precision.py): bf16 on TPUs, no cuDNN under XLA.
+    kind = device_kind(strategy)
+    policy = resolve_precision(config.train.mixed_precision, kind,
+                               cpu_fast_bf16=kind == "cpu" and cpu_has_fast_bf16())
     phases = phases_of(config)
     for phase in phases:
         if phase.section.global_batch_size % strategy.num_replicas_in_sync:
@@ -118,26 +124,27 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
-    keras.mixed_precision.set_global_policy(policy or "float32")
+    tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
         # The encoder is built (with its weights) even when training from cached features, so that
         # checkpoints and exports are those of a model trained from images.
-        model = build_model(config.model, tokenizer.vocab_size)
+        model = build_model(config.model, tokenizer.vocab_size,
+                            use_cudnn=resolve_use_cudnn(kind, config.train.jit_compile))
     feature_cache.check_feature_dim(manifest, model, data_dir)
     run_state = RunState.create(strategy, model, config.train.get("weight_average_decay", 0.0))
     trainer = build_trainer(config, phases[0], strategy, model, run_state)
     extra = {"weight_average": run_state.weight_average.averages} if run_state.weight_average else {}
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step,
-                                     rng_state=model.rng_state_variables(), **extra)
+    # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step, **extra)
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint, phases[0], run_state)
 
 
 def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
     """The run's checkpoint without the optimizer: what carries over from one phase to the next."""
     extra = {"weight_average": exp.run_state.weight_average.averages} if exp.run_state.weight_average else {}
-    return tf.train.Checkpoint(model=exp.model, step=exp.run_state.step, rng_state=exp.model.rng_state_variables(),
-                               **extra)
+    return tf.train.Checkpoint(model=exp.model, step=exp.run_state.step, **extra)
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -226,6 +233,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
         load_init_checkpoint(exp, config.init_checkpoint, log)
     start = exp.trainer.current_step()
     selector.resume_at(start)
+    caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
     total = phases[-1].end
     writer = tf.summary.create_file_writer(f"{model_dir}/train") if chief else tf.summary.create_noop_writer()
     eval_writer = tf.summary.create_file_writer(f"{model_dir}/eval") if chief else tf.summary.create_noop_writer()
@@ -290,10 +298,12 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
             if (at_eval or at_phase_end) and step < total:
                 _log_eval(exp, strategy, eval_writer, step, metrics, loop_log)
                 _select(selector, eval_writer, step, metrics, loop_log, exp.phase.name)
+                caption_samples(eval_writer, step)
     bar.close()
     if step == total and "val" in exp.manifest["splits"]:
         _log_eval(exp, strategy, eval_writer, step, metrics, log)
         _select(selector, eval_writer, step, metrics, log, exp.phase.name)
+        caption_samples(eval_writer, step)
     writer.flush()
     eval_writer.flush()
     return metrics, exp

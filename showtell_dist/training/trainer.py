@@ -24,6 +24,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from showtell_dist.model.show_and_tell import dropout_seed
 from showtell_dist.training.loss import masked_token_loss_sum
 from showtell_dist.training.optimizer import build_optimizer
 from showtell_dist.training.weight_average import WeightAverage
@@ -59,19 +60,21 @@ class RunState:
 
 
 class Trainer:
-    """The cross-entropy trainer; subclasses (self_critical.py) replace the replica loss."""
+    """The cross-entropy trainer; subclasses (self_critical.py) replace the replica step."""
 
     # Per-replica sums that the host loop adds up over steps and replicas.
     SUM_KEYS = ("loss_sum", "tokens")
 
     def __init__(self, strategy: tf.distribute.Strategy, model, train_config, *,
-                 mixed_precision: str | None = None, jit_compile: bool = False, run_state: RunState | None = None):
+                 mixed_precision: str | None = None, jit_compile: bool = False, run_state: RunState | None = None,
+                 seed: int | None = None):
         """train_config: a phase's config section (learning_rate, warmup_steps, steps, final_lr_ratio,
         clip_norm). run_state: the run's step and weight average, shared across phases; by default
-        a new one with train_config.weight_average_decay."""
+        a new one with train_config.weight_average_decay. seed: of dropout (default train_config.seed)."""
         self.strategy = strategy
         self.model = model
         self.clip_norm = float(train_config.clip_norm)
+        self.seed = int(train_config.get("seed", 0) if seed is None else seed)
         self.jit_compile = jit_compile
         run_state = run_state or RunState.create(strategy, model, train_config.get("weight_average_decay", 0.0))
         self.step, self.weight_average = run_state.step, run_state.weight_average
@@ -107,35 +110,41 @@ class Trainer:
         return float(lr(self.current_step()) if callable(lr) else lr)
 
     # -- replica steps -------------------------------------------------------
-    def _loss_sum(self, state, inputs, targets, training: bool = False) -> tf.Tensor:
+    def replica_dropout_seed(self) -> tf.Tensor:
+        """In a replica context: this replica's dropout seed for the coming step (from train.seed,
+        the step and the replica's id across all workers)."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return dropout_seed(self.seed, self.step.read_value(), replica)
+
+    def _loss_sum(self, state, inputs, targets, training: bool = False, seed=None) -> tf.Tensor:
         """Summed cross-entropy over the real target tokens of [rows, time] inputs/targets."""
         if not self._real_positions_only:
-            return masked_token_loss_sum(targets, self.model.decode_sequence(state, inputs, training))[0]
+            return masked_token_loss_sum(
+                targets, self.model.decode_sequence(state, inputs, training, dropout_seed=seed))[0]
         positions = tf.where(tf.not_equal(targets, 0))  # [real tokens, 2]
-        logits = self.model.decode_sequence(state, inputs, training, positions=positions)  # [real tokens, vocab]
+        logits = self.model.decode_sequence(state, inputs, training, positions=positions,
+                                            dropout_seed=seed)  # [real tokens, vocab]
         return masked_token_loss_sum(tf.gather_nd(targets, positions), logits)[0]
 
-    def _replica_loss(self, batch):
-        """(loss to differentiate, normalised by the global batch; {SUM_KEYS: per-replica sums})."""
+    def _replica_train_step_fn(self, batch):
         ctx = tf.distribute.get_replica_context()
         captions = batch["captions"]  # [batch, captions, time]
         inputs, targets = _flatten_captions(captions)
         local_tokens = _count_tokens(targets)
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
-        features = self.model.batch_features(batch, training=True)
-        state = self.model.initial_state(features, training=True, repeats=captions.shape[1])
-        loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True), tf.float32)
-        return loss_sum / global_tokens, {"loss_sum": loss_sum, "tokens": local_tokens}
-
-    def _replica_train_step_fn(self, batch):
+        seed = self.replica_dropout_seed()
         with tf.GradientTape() as tape:
-            loss, sums = self._replica_loss(batch)
+            features = self.model.batch_features(batch, training=True)
+            state = self.model.initial_state(features, training=True, repeats=captions.shape[1], dropout_seed=seed)
+            loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True, seed=seed), tf.float32)
+            loss = loss_sum / global_tokens
             if self._loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
-        return sums, self._apply_gradients(tape, loss)
+        return {"loss_sum": loss_sum, "tokens": local_tokens}, self._apply_gradients(tape, loss)
 
     def _apply_gradients(self, tape: tf.GradientTape, loss: tf.Tensor) -> tf.Tensor:
-        """All-reduces, clips (by the global norm) and applies the gradients; returns their norm."""
+        """All-reduces, clips (by the global norm) and applies the gradients; advances the step
+        and the weight average; returns the gradients' global norm."""
         ctx = tf.distribute.get_replica_context()
         variables = self.trainable_variables
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
