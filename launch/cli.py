@@ -101,6 +101,6 @@ def user_errors():
 
 
 def format_metrics(metrics: dict) -> str:
-    keys = ("step", "loss", "perplexity", "val_loss", "val_perplexity", "images_per_s")
+    keys = ("step", "loss", "perplexity", "reward", "val_loss", "val_perplexity", "images_per_s")
     return "final: " + ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                                  for k in keys if k in metrics)

@@ -61,8 +61,10 @@ def main(argv):
             print(cli.format_metrics(metrics), flush=True)
         if metrics.get("preempted"):
             sys.exit(143)  # on every worker: all saved the same step and stopped
+        from showtell_dist.training.phases import total_steps
+
         summary = None
-        if "best_step" in metrics and metrics["step"] == config.train.steps:
+        if "best_step" in metrics and metrics["step"] == total_steps(config):
             from showtell_dist.training.checkpoint_selection import evaluate_selected
 
             # Every worker decodes its share (the captions are gathered collectively); the chief scores them.
