@@ -113,7 +113,7 @@ def test_choices_agree_with_the_library():
     from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
-    from showtell_dist.training.checkpoint_selection import SELECTABLE_METRICS
+    from showtell_dist.run.run_dir import SELECTABLE_METRICS
     from showtell_dist.training.train_loop import MIXED_PRECISION
 
     assert set(config_validation.ENCODER_MIN_IMAGE_SIZE) == set(IMAGE_SIZES)
@@ -125,7 +125,7 @@ def test_choices_agree_with_the_library():
 
 
 def test_a_hand_edited_run_config_is_refused_when_loaded(tmp_path):
-    from showtell_dist.model.restore import load_trained_model
+    from showtell_dist.run.restore import load_trained_model
 
     (tmp_path / "config.json").write_text(json.dumps(_with("eval.beam_width", -1)))
     with pytest.raises(ConfigError, match=r"(?s)config.json: 1 invalid value.*eval.beam_width = -1.*Restore the"):

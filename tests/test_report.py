@@ -130,7 +130,7 @@ def test_report_module_imports_nothing_of_the_package():
 
 def test_evaluate_split_draws_the_runs_curves_with_the_tokenizers_words(tiny_trained_dir, tiny_dataset, tmp_path):
     from showtell_dist.evaluation.evaluator import evaluate_split
-    from showtell_dist.model.restore import load_trained_model
+    from showtell_dist.run.restore import load_trained_model
 
     strategy = tf.distribute.get_strategy()
     trained = load_trained_model(tiny_trained_dir, strategy=strategy)

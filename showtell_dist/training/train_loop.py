@@ -37,7 +37,8 @@ from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.training.checkpoint_selection import CheckpointSelector, best_checkpoint
+from showtell_dist.run.run_dir import best_checkpoint
+from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
