@@ -27,6 +27,9 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cap on caption length in token
                                 "and counted in the manifest.")
 _PER_SHARD = flags.DEFINE_integer("images_per_shard", 1000, "Images per TFRecord shard.")
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "Shards written in parallel.")
+_RESIZE_TO = flags.DEFINE_integer(
+    "resize_to", 0, "Store images resized to NxN exactly as training resizes them (set it to the model's "
+    "image_size): training reads and decodes several times fewer bytes. 0 keeps the original size.")
 
 
 def main(argv):
@@ -37,7 +40,8 @@ def main(argv):
         options = PrepareOptions(layout=_LAYOUT.value, image_dir=_IMAGE_DIR.value, lang=_LANG.value,
                                  spacy_model=_SPACY_MODEL.value, min_count=_MIN_COUNT.value,
                                  vocab_size=_VOCAB_SIZE.value, max_len=_MAX_LEN.value,
-                                 images_per_shard=_PER_SHARD.value, num_workers=_WORKERS.value)
+                                 images_per_shard=_PER_SHARD.value, num_workers=_WORKERS.value,
+                                 resize_to=_RESIZE_TO.value)
         manifest = prepare_dataset(_INPUT.value, _OUTPUT.value, options)
         print(summarize(manifest))
         print(f"wrote {_OUTPUT.value}/manifest.json")
