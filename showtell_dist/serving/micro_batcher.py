@@ -6,7 +6,9 @@
 
 A batch opens when an image arrives while one of `num_batch_threads` worker
 threads is free; it is closed and captioned on that worker once it holds
-`max_batch_size` images or its first image has waited `max_wait_ms`. Images
+`max_batch_size` images, or its first image has waited `max_wait_ms`, or no
+other request is on its way (being read inside `arriving()`): a lone
+request does not wait for company that is not coming. Images
 that arrive while the workers are busy queue up and form the next batch, so
 under load batches fill without waiting. Two workers (TF Serving's
 num_batch_threads) let one batch's sequential beam-search steps overlap
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -66,6 +69,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.num_batch_threads = num_batch_threads
+        self._arriving = 0  # requests being read that will submit soon
         self.stats = BatchingStats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -90,6 +94,16 @@ class MicroBatcher:
             self._worker = None
         self._executor.shutdown(wait=True)
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Marks a request that is being read and will (probably) submit: batches wait for company only
+        while such requests exist, so a lone client's request runs at once instead of after max_wait_ms."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
     async def submit(self, items: list[Any]) -> list[Any]:
         """The results of `items`, computed in the next batches."""
         if self._worker is None:
@@ -110,7 +124,7 @@ class MicroBatcher:
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or not self._arriving:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
@@ -166,6 +180,10 @@ class UnbatchedCaller:
 
     def describe(self) -> dict:
         return {"batching": False, "max_concurrent_calls": self.max_concurrent_calls, **self.stats.as_dict()}
+
+    @contextlib.contextmanager
+    def arriving(self):
+        yield
 
     async def start(self) -> None:
         pass
