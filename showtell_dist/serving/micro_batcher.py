@@ -6,8 +6,10 @@
 
 A batch opens when an image arrives while one of `num_batch_threads` worker
 threads is free; it is closed and captioned on that worker once it holds
-`max_batch_size` images, or its first image has waited `max_wait_ms`, or no
-other request is on its way (being read inside `arriving()`): a lone
+`max_batch_size` images, or its first image has waited `max_wait_ms`, or
+-- when no request is on its way (being read inside `arriving()`) -- the next
+request is not due before then at the recent rate, or is overdue (twice the
+mean time between requests has passed since the last one): a lone client's
 request does not wait for company that is not coming. Images
 that arrive while the workers are busy queue up and form the next batch, so
 under load batches fill without waiting. Two workers (TF Serving's
@@ -26,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -70,6 +73,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.num_batch_threads = num_batch_threads
         self._arriving = 0  # requests being read that will submit soon
+        self._last_submit = -math.inf  # time.monotonic() of the latest submit
+        self._mean_gap_s = math.inf  # moving average of the time between submits
         self.stats = BatchingStats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -96,8 +101,7 @@ class MicroBatcher:
 
     @contextlib.contextmanager
     def arriving(self):
-        """Marks a request that is being read and will (probably) submit: batches wait for company only
-        while such requests exist, so a lone client's request runs at once instead of after max_wait_ms."""
+        """Marks a request that is being read and will (probably) submit: a forming batch waits for it."""
         self._arriving += 1
         try:
             yield
@@ -109,10 +113,14 @@ class MicroBatcher:
         if self._worker is None:
             raise RuntimeError("MicroBatcher.submit before start()")
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        gap = now - self._last_submit
+        self._mean_gap_s = gap if math.isinf(self._mean_gap_s) else 0.8 * self._mean_gap_s + 0.2 * gap
+        self._last_submit = now
         futures = []
         for item in items:
             future = loop.create_future()
-            self._queue.put_nowait(_Pending(item, future, time.monotonic()))
+            self._queue.put_nowait(_Pending(item, future, now))
             futures.append(future)
         return list(await asyncio.gather(*futures))
 
@@ -123,8 +131,13 @@ class MicroBatcher:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._arriving:
+            wait_until = deadline
+            if not self._arriving:  # no request is being read: wait only for one due at the recent rate
+                if math.isinf(self._mean_gap_s) or self._last_submit + self._mean_gap_s >= deadline:
+                    break
+                wait_until = min(deadline, self._last_submit + 2 * self._mean_gap_s)
+            remaining = wait_until - time.monotonic()
+            if remaining <= 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
