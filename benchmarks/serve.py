@@ -59,7 +59,7 @@ def export_demo_model(export_dir: str, vocab_words: int = 40, max_len: int = 16,
     from configs import demo
     from showtell_dist.data.tokenizer import SPECIAL_TOKENS, Tokenizer
     from showtell_dist.export import export_saved_model
-    from showtell_dist.model.restore import TrainedModel
+    from showtell_dist.run.restore import TrainedModel
     from showtell_dist.model.show_and_tell import build_model
 
     keras.utils.set_random_seed(0)

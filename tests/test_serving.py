@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from showtell_dist.export import export_saved_model
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from showtell_dist.serving import BackgroundServer, SavedModelCaptioner, ServerSettings, make_app
 from tiny_setup import REPO_ROOT
 
