@@ -157,6 +157,15 @@ def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
     return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed)}
 
 
+def _check_image_size(manifest: dict, spec: PipelineSpec) -> None:
+    """Records stored resized (prepare --resize_to) must be at the size the model takes."""
+    resized_to = manifest.get("resized_to")
+    if manifest_kind(manifest) == "images" and resized_to and int(resized_to) != spec.image_size:
+        raise DataError(f"the records at {spec.data_dir} hold images resized to {resized_to}x{resized_to} but the "
+                        f"model takes {spec.image_size}x{spec.image_size} (model.image_size): prepare them again "
+                        f"with --resize_to={spec.image_size} (or --resize_to=0 to keep the original sizes).")
+
+
 def _parser(manifest: dict):
     """fn(serialized) -> parsed example, for the manifest's kind of records."""
     dim = feature_dim(manifest)
@@ -315,6 +324,7 @@ def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
     (`TrainOrder`), not the records before it, and yields exactly the batches
     an uninterrupted run yields from that step on.
     """
+    _check_image_size(manifest, spec)
     parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -380,6 +390,7 @@ def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = N
     with empty images (no captions, so no loss, index -1) and then all-padding
     batches, so that every worker runs the same number of steps (`eval_steps`).
     """
+    _check_image_size(manifest, spec)
     parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
