@@ -43,7 +43,11 @@ Also printed, all measured in this run:
     manifest exists, else over a synthetic features cache written to a temp dir;
   * peak RSS (ru_maxrss) of (a) run in a fresh subprocess (model built as
     `build_experiment` builds it, encoder included, fed by that input pipeline
-    through `distribute_datasets_from_function`, as `train` feeds it).
+    through `distribute_datasets_from_function`, as `train` feeds it);
+  * precision: (a)'s step in float32 and in mixed_bfloat16 (a second model
+    built under that policy, as train.mixed_precision builds it), each beside a
+    [2048, 2048] matmul in its own dtype (the ceiling), timed interleaved.
+    Alone: `--only_precision`; skipped with `--skip_precision`.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ def parse_args(argv=None):
                         "to a temp dir when it has no manifest.json.")
     p.add_argument("--skip_reference", action="store_true", help="Skip (c), the tutorial's training.")
     p.add_argument("--skip_memory", action="store_true", help="Skip the peak-memory subprocess.")
+    p.add_argument("--skip_precision", action="store_true", help="Skip the float32 vs mixed_bfloat16 section.")
+    p.add_argument("--only_precision", action="store_true", help="Run only the float32 vs mixed_bfloat16 section.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -344,12 +350,88 @@ def target_line(name: str, value: float, ok: bool, target: str, fmt: str) -> str
     return f"{name:<44s}{format(value, fmt):>10s}   target {target:<9s} {'MET' if ok else 'MISSED'}"
 
 
+# ----------------------------------------------------------------------------
+# Precision: float32 vs mixed_bfloat16, each beside its own matmul ceiling
+# ----------------------------------------------------------------------------
+
+
+def precision_trainer(args, policy: str):
+    """(a)'s model and Trainer under a Keras dtype policy, built as build_experiment builds them."""
+    config = toolkit_config(args, "mobilenet_v2")
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            model = build_model(config.model, args.vocab)
+        trainer = Trainer(strategy, model, config.train, jit_compile=False,
+                          mixed_precision=None if policy == "float32" else policy)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return trainer
+
+
+def precision_section(args) -> None:
+    """Prints (a)'s captions/s in float32 and mixed_bfloat16, each beside a matmul in its dtype."""
+    from showtell_dist.distribute.precision import cpu_has_fast_bf16
+
+    B, C, T, n = args.batch, args.captions_per_image, args.max_len, args.matmul_size
+    rng = np.random.default_rng(args.seed + 2)
+    captions = random_captions(rng, (2, B, C), args)
+    features = np.abs(rng.normal(0.0, 1.0, (2, B, FEATURE_DIM))).astype(np.float32)
+    real_fraction = float(np.mean(captions[..., 1:] != 0))
+    policies = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16}
+    mm_reps = 4
+    fns = {}
+    for policy, dtype in policies.items():
+        trainer = precision_trainer(args, policy)
+        it = cycled({"features": features, "captions": captions})
+        fns[f"step {policy}"] = (lambda t, i: lambda: t.train_loop(i, 1))(trainer, it)
+        x, y = tf.cast(tf.random.normal([n, n]), dtype), tf.cast(tf.random.normal([n, n]), dtype)
+
+        @tf.function
+        def matmul_loop(x, y):
+            acc = tf.constant(0.0)
+            for _ in tf.range(mm_reps):
+                acc += tf.cast(tf.matmul(x, y)[0, 0], tf.float32)
+            return acc
+
+        fns[f"matmul {policy}"] = (lambda f, a, b: lambda: f(a, b))(matmul_loop, x, y)
+    for fn in fns.values():
+        timed(fn)  # warm-up: tracing + first step
+    times = {name: [] for name in fns}
+    for _ in range(max(args.steps, 3)):  # interleaved, so load from other processes hits all alike
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    rows, steps_t = B * C, T - 1
+    lstm_tok = 4 * args.units * (args.embed_dim + args.units) * 2
+    proj_tok = args.units * args.vocab * 2
+    computed_flops = 3 * rows * steps_t * (lstm_tok + real_fraction * proj_tok)
+    print(f"precision (a), cached features, {B}x{C} captions/step; CPU fast bf16 (AMX/AVX512-BF16 in "
+          f"/proc/cpuinfo): {cpu_has_fast_bf16()}; medians over {len(times['step float32'])} interleaved rounds:")
+    result = {}
+    for policy in policies:
+        step_s, mm_s = med[f"step {policy}"], med[f"matmul {policy}"]
+        mm_gflops = mm_reps * 2 * n ** 3 / mm_s / 1e9
+        result[policy] = (B * C / step_s, mm_gflops)
+        print(f"    {policy:<15s} {B * C / step_s:9.1f} captions/s ({step_s:.2f} s/step, decoder "
+              f"{computed_flops / step_s / 1e9:.1f} GFLOP/s computed); matmul [{n}, {n}] in its dtype: "
+              f"{mm_gflops:.1f} GFLOP/s")
+    (c32, m32), (c16, m16) = result["float32"], result["mixed_bfloat16"]
+    print(f"    mixed_bfloat16 / float32: train step {c16 / c32:.2f}x, matmul ceiling {m16 / m32:.2f}x")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return
     wall = time.perf_counter()
+    if args.only_precision:
+        keras.utils.set_random_seed(args.seed)
+        precision_section(args)
+        print(f"total wall time {time.perf_counter() - wall:.0f} s")
+        return
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     B, C, T = args.batch, args.captions_per_image, args.max_len
@@ -505,6 +587,9 @@ def main(argv=None):
     if child:
         gb = child["peak_kb"] / 2 ** 20
         print(target_line("peak RSS of (a), GB", gb, gb < 4, "< 4 GB", "9.2f"))
+    if not args.skip_precision:
+        print()
+        precision_section(args)
     print(f"total wall time {time.perf_counter() - wall:.0f} s")
     tmp.cleanup()
 

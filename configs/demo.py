@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic = ml_collections.ConfigDict(
         dict(num_train=4000, num_val=300, num_test=300, image_size=64, seed=0))
     c.data.images_per_shard = 500
+    c.data.resize_to = 0                              # > 0: prepare stores images resized to NxN (model.image_size)
     c.data.captions_per_image = 4
     c.data.shuffle_buffer = 2000                      # records read as one group and permuted (>= a shard)
     c.data.caption_buckets = 4                        # pad each batch's captions to one of 4 lengths; 0: max_len
@@ -52,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 500
     c.train.eval_max_images = 0      # 0: the whole validation split
-    c.train.mixed_precision = ""     # "", "mixed_float16" or "mixed_bfloat16"
+    c.train.summary_images = 8       # val images captioned into TensorBoard (model_dir/eval) at each eval; 0: off
+    c.train.mixed_precision = ""     # "" (float32; bf16 on TPU), "float32", "auto", "mixed_float16", "mixed_bfloat16"
     c.train.jit_compile = False
     c.train.weight_average_decay = 0.0  # > 0: evaluate and export a moving average of the weights
 
@@ -61,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.beam_width = 3
     c.eval.length_normalization = "average"   # "none", "average" (the tutorial's) or "gnmt"
     c.eval.alpha = 0.6                         # GNMT length-penalty exponent
+    c.eval.remove_bad_endings = False          # True: no caption ends on "a", "with", "the", ... (CIDEr-trained runs)
+    c.eval.block_trigrams = False              # True: no caption repeats a trigram
     c.eval.select_metric = ""                  # e.g. "CIDEr-D": keep the best checkpoint by it in model_dir/best
 
     c.demo = ml_collections.ConfigDict(dict(num_examples=10))

@@ -5,7 +5,8 @@
 
 Layouts: tutorial (images/, captions.csv, {split}_split_filenames.txt), flickr
 (Flickr8k.token.txt + Flickr_8k.*Images.txt), coco (captions_*.json),
-karpathy (dataset_*.json); auto detects which.
+karpathy (dataset_*.json); auto detects which. A hand-made captions.csv row with
+unquoted commas is read as image + the rest as caption, and counted.
 """
 
 import _bootstrap  # noqa: F401
@@ -21,7 +22,9 @@ _LANG = flags.DEFINE_string("lang", "en", "spaCy language of spacy.blank(lang)."
 _SPACY_MODEL = flags.DEFINE_string("spacy_model", None, "An installed spaCy pipeline to tokenize with instead.")
 _MIN_COUNT = flags.DEFINE_integer("min_count", 1, "Words seen fewer times in train captions become <unk>.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "Cap on vocabulary size including special tokens.")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cap on caption length in tokens (with <start> and <end>).")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cap on caption length in tokens (with <start> and <end>). "
+                                "Default: the length covering 99.9% of train captions; longer ones are cut "
+                                "and counted in the manifest.")
 _PER_SHARD = flags.DEFINE_integer("images_per_shard", 1000, "Images per TFRecord shard.")
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "Shards written in parallel.")
 _RESIZE_TO = flags.DEFINE_integer(

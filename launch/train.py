@@ -26,8 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and config (local or gs://). "
                                  "Default: runs/<config name>.")
 _JIT = flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (overrides the config).")
-_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "mixed_float16", "mixed_bfloat16"],
-                           "Mixed-precision policy (overrides the config).")
+_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "float32", "auto", "mixed_float16", "mixed_bfloat16"],
+                           "Precision (overrides the config): none = the device's default (mixed_bfloat16 on a "
+                           "TPU, else float32); auto = mixed_bfloat16 where the device multiplies bf16 fast (TPU, "
+                           "CPU with AMX/AVX512-BF16), else float32.")
 _SAMPLES = flags.DEFINE_integer("num_examples", None, "Held-out images to caption at the end.")
 _STOP_AT = flags.DEFINE_integer("stop_at_step", None, "End this run (with a checkpoint) at this step; "
                                 "a later run resumes. For time-sliced jobs.")
@@ -43,8 +45,9 @@ def main(argv):
         config.train.mixed_precision = "" if _MIXED.value == "none" else _MIXED.value
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
+        cli.validate_config(config)  # every bad value in one message, before any work
         strategy = cli.strategy_from_flags()
-        from showtell_dist.data.feature_cache import ensure_features
+        from showtell_dist.features.builder import ensure_features
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.distribute.strategy import is_chief
         from showtell_dist.training import train_loop
@@ -54,16 +57,23 @@ def main(argv):
         print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
               f"model_dir: {model_dir}", flush=True)
         metrics, experiment = train_loop.train(config, strategy, model_dir, stop_at_step=_STOP_AT.value)
-        if not is_chief(strategy):
-            return
-        print(cli.format_metrics(metrics), flush=True)
+        if is_chief(strategy):
+            print(cli.format_metrics(metrics), flush=True)
         if metrics.get("preempted"):
-            sys.exit(143)
-        if "best_step" in metrics and metrics["step"] == config.train.steps:
-            from showtell_dist.evaluation.metrics import format_metrics_table
+            sys.exit(143)  # on every worker: all saved the same step and stopped
+        from showtell_dist.training.phases import total_steps
+
+        summary = None
+        if "best_step" in metrics and metrics["step"] == total_steps(config):
             from showtell_dist.training.checkpoint_selection import evaluate_selected
 
+            # Every worker decodes its share (the captions are gathered collectively); the chief scores them.
             summary = evaluate_selected(model_dir, strategy, split="val")
+        if not is_chief(strategy):
+            return
+        if summary:
+            from showtell_dist.evaluation.metrics import format_metrics_table
+
             print(f"selected checkpoint {summary['checkpoint']} (step {summary['step']}, best val "
                   f"{config.eval.select_metric}); every metric on the {summary['num_images']} val images, beam "
                   f"{summary['beam_width']}, length normalization {summary['length_normalization']}:\n"

@@ -14,7 +14,7 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search
 from showtell_dist.errors import ConfigError
 from showtell_dist.export import export_saved_model
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from tiny_setup import REPO_ROOT
 
 BEAM = 3
@@ -133,3 +133,63 @@ def test_export_launcher(trained_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
     assert "serving_default" in proc.stdout
+
+
+# Runs in a fresh interpreter: the TF1 session loader (TF Serving's and saved_model_cli's) against tf.saved_model.load.
+SESSION_LOADER_SCRIPT = r"""
+import json, sys
+import tensorflow as tf
+export_dir, images = sys.argv[1], [open(p, "rb").read() for p in sys.argv[2:]]
+
+out = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
+eager = {"captions": out["captions"].numpy().astype(str).tolist(), "scores": out["scores"].numpy().tolist()}
+
+with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+    meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir)
+    signature = meta_graph.signature_def["serving_default"]
+    fetched = session.run({k: v.name for k, v in signature.outputs.items()},
+                          feed_dict={signature.inputs["images"].name: images})
+session_out = {"captions": fetched["captions"].astype(str).tolist(), "scores": fetched["scores"].tolist()}
+print(json.dumps({"eager": eager, "session": session_out,
+                  "toolkit_imported": [m for m in sys.modules if m.split(".")[0] == "showtell_dist"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(trained_dir, tmp_path_factory):
+    export_dir = str(tmp_path_factory.mktemp("session_export") / "export")
+    export_saved_model(load_trained_model(trained_dir), export_dir, beam_width=BEAM)
+    return export_dir
+
+
+def _clean_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_session_loader_of_tf_serving_gives_the_same_captions(exported, tmp_path):
+    paths, _, _ = _test_images(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", SESSION_LOADER_SCRIPT, exported, *paths], cwd=str(tmp_path),
+                          env=_clean_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["toolkit_imported"] == []
+    assert len(result["eager"]["captions"]) == 2
+    assert result["session"]["captions"] == result["eager"]["captions"]
+    np.testing.assert_allclose(result["session"]["scores"], result["eager"]["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_saved_model_cli_run_prints_captions(exported, tmp_path):
+    _, jpeg, _ = _test_images(tmp_path)
+    inputs = str(tmp_path / "images.npy")
+    np.save(inputs, np.array([jpeg], dtype=object))
+    expected = tf.saved_model.load(exported).signatures["serving_default"](images=tf.constant([jpeg]))
+    proc = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
+                           "--dir", exported, "--tag_set", "serve", "--signature_def", "serving_default",
+                           "--inputs", f"images={inputs}"],
+                          cwd=str(tmp_path), env=_clean_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Result for output key captions" in proc.stdout, proc.stdout
+    best = expected["captions"].numpy()[0, 0]
+    assert repr(best) in proc.stdout, (best, proc.stdout)

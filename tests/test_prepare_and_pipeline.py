@@ -59,7 +59,8 @@ def test_prepare_reports_every_bad_input_and_writes_only_good_records(tmp_path):
     assert manifest["splits"]["val"]["images"] == 1
     assert len(train["shards"]) == 4 and all(s["file"].startswith("train-") for s in train["shards"])
     assert sorted(os.listdir(out)) == sorted([s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
-                                             + ["manifest.json", "vocab.json"])  # no temporaries left
+                                             + ["manifest.json", "vocab.json",
+                                                "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
     assert "skipped: " in summarize(manifest)
 
@@ -241,6 +242,51 @@ def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
     size, _ = write_records_atomically(str(tmp_path / "ours.tfrecord"), payloads)
     assert size == os.path.getsize(reference)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
+
+
+def test_records_of_older_word_splitting_rules_are_refused_before_training(tmp_path):
+    import json
+
+    import ml_collections
+
+    from showtell_dist.data.prepare import ensure_prepared
+
+    _tutorial_dataset(tmp_path / "in")
+    out = tmp_path / "out"
+    manifest = prepare_dataset(str(tmp_path / "in"), str(out), PrepareOptions())
+    assert manifest["vocabulary"]["tokenizer_rules"] == Tokenizer.load(str(out / "vocab.json")).rules
+    config = ml_collections.ConfigDict({"data": {"records_dir": str(out)}})
+    assert ensure_prepared(config)["max_len"] == manifest["max_len"]  # current rules: reused as they are
+    vocab = json.loads((out / "vocab.json").read_text())
+    del vocab["tokenizer_rules"]  # as written before the rules were versioned
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(DataError, match="tokenizer rules 'spacy-default'.*prepare the dataset again"):
+        ensure_prepared(config)
+
+
+def test_prepare_joins_unquoted_comma_rows_and_caps_max_len_at_the_999th_permille(tmp_path):
+    root = tmp_path / "in"
+    os.makedirs(root / "images")
+    _jpeg(root / "images" / "a.jpg")
+    _jpeg(root / "images" / "v.jpg")
+    lines = ["image,caption"] + ["a.jpg,a red square on grey"] * 1999 + ["a.jpg," + " ".join(["red"] * 400)]
+    lines += ["a.jpg,a red, square", "v.jpg,a square", "v.jpg," + " ".join(["big"] * 30)]
+    (root / "captions.csv").write_text("\n".join(lines) + "\n")
+    (root / "train_split_filenames.txt").write_text("a.jpg\n")
+    (root / "val_split_filenames.txt").write_text("v.jpg\n")
+
+    manifest = prepare_dataset(str(root), str(tmp_path / "out"))
+    assert manifest["joined_rows"] == 1 and manifest["joined_row_locations"] == [f"{root}/captions.csv:2002"]
+    assert manifest["max_len"] == 7 and manifest["longest_train_caption"] == 402
+    assert manifest["truncated_captions"] == 2 and manifest["truncated_by_split"] == {"train": 1, "val": 1}
+    text = summarize(manifest)
+    assert "unquoted commas" in text and ": 1 (" in text
+    assert "max_len 7 (from the 99.9% of train captions (the default); longest train caption 402)" in text
+    assert "captions cut to max_len: 2 (train 1, val 1)" in text
+
+    explicit = prepare_dataset(str(root), str(tmp_path / "out2"), PrepareOptions(max_len=40))
+    assert explicit["max_len"] == 40 and explicit["truncated_captions"] == 1
+    assert "max_len option" in explicit["max_len_from"]
 
 
 def test_captions_are_padded_per_batch_to_a_bucket(tiny_dataset):

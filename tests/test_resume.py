@@ -30,16 +30,19 @@ def _weights(exp):
     return [v.numpy() for v in exp.model.variables]
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_stopped_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path, replicas):
+    """Also under Mirrored over 2 CPU devices, where each replica draws its own dropout masks."""
     records, _ = tiny_dataset
     config = _config(records)
-    full_metrics, full = train_loop.train(config, STRATEGY, str(tmp_path / "full"), show_progress=False)
+    strategy = STRATEGY if replicas == 1 else tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    full_metrics, full = train_loop.train(config, strategy, str(tmp_path / "full"), show_progress=False)
     assert full_metrics["step"] == 8
 
     model_dir = str(tmp_path / "resumed")
-    first, _ = train_loop.train(config, STRATEGY, model_dir, show_progress=False, stop_at_step=5)
+    first, _ = train_loop.train(config, strategy, model_dir, show_progress=False, stop_at_step=5)
     assert first["step"] == 5 and "val_loss" not in first
-    resumed_metrics, resumed = train_loop.train(config, STRATEGY, model_dir, show_progress=False)
+    resumed_metrics, resumed = train_loop.train(config, strategy, model_dir, show_progress=False)
     assert resumed_metrics["step"] == 8
     for a, b in zip(_weights(full), _weights(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -41,6 +41,7 @@ def tiny_config(records_dir: str, **train_overrides):
     c.train.warmup_steps = 2
     c.train.checkpoint_every = 0
     c.train.eval_every = 0
+    c.train.summary_images = 0  # TensorBoard caption samples cost ~2 s a run; their tests turn them on
     c.demo.num_examples = 0
     for k, v in train_overrides.items():
         setattr(c.train, k, v)

@@ -6,6 +6,8 @@ tokenizer on the training captions only, and writes into `output_dir`
 
   vocab.json                              the tokenizer (see tokenizer.py)
   {split}-00000-of-000NN.tfrecord ...     one Example per image (records.py)
+  cider_document_frequencies.npz          CIDEr-D n-gram document frequencies of
+                                          the train references (reward/cider_d.py)
   manifest.json                           counts, shard sizes and checksums,
                                           and every skipped item with its reason
 
@@ -34,11 +36,13 @@ from showtell_dist.data import images as images_lib
 from showtell_dist.data import layouts
 from showtell_dist.data import pipeline
 from showtell_dist.data import records
-from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.data.tokenizer import DEFAULT_MAX_LEN_QUANTILE, Tokenizer
 from showtell_dist.errors import ConfigError, DataError
+from showtell_dist.reward.cider_d import KEY_BASE, DocumentFrequencies, word_ids_np
 
 MANIFEST = "manifest.json"
 VOCABULARY = "vocab.json"
+DOCUMENT_FREQUENCIES = "cider_document_frequencies.npz"
 FORMAT_VERSION = 1
 
 
@@ -140,13 +144,16 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     order = [(split, e) for split, entries in corpus.splits.items() for e in entries]
     all_words = tokenizer.split_words([c for _, e in order for c in e.captions])
     token_ids: dict[str, list[list[int]]] = {}
-    truncated, pos = 0, 0
-    for _, e in order:
+    truncated = {split: 0 for split in corpus.splits}  # captions cut to max_len
+    longest_train, pos = 0, 0
+    for split, e in order:
         ids = []
         for words in all_words[pos: pos + len(e.captions)]:
             encoded, cut = tokenizer.encode_words(words)
             ids.append(encoded)
-            truncated += cut
+            truncated[split] += cut
+            if split == "train":
+                longest_train = max(longest_train, len(words) + 2)
         pos += len(e.captions)
         token_ids[e.image_id] = ids
 
@@ -171,6 +178,9 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
                 progress(info)
 
     tokenizer.save(f"{output_dir.rstrip('/')}/{VOCABULARY}")
+    unwritten = {s.item for s in skipped}
+    train_refs = [token_ids[e.image_id] for e in corpus.splits["train"] if e.image_id not in unwritten]
+    document_frequencies = write_document_frequencies(output_dir, train_refs, tokenizer.vocab_size)
     splits = {}
     for split, infos in shards.items():
         infos.sort(key=lambda s: s["file"])
@@ -181,9 +191,19 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": corpus.source,
         "vocabulary": {"file": VOCABULARY, "size": tokenizer.vocab_size, "fitted_on": "train",
-                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size},
+                       "min_count": options.min_count, "vocab_size_cap": options.vocab_size,
+                       "tokenizer_rules": tokenizer.rules},
         "max_len": tokenizer.max_len,
-        "truncated_captions": truncated,
+        "cider_document_frequencies": document_frequencies,
+        # How max_len was chosen, and what it cut: --max_len, or the 99.9th percentile of train lengths.
+        "max_len_from": ("max_len option" if options.max_len else
+                         f"{DEFAULT_MAX_LEN_QUANTILE:.1%} of train captions (the default)"),
+        "longest_train_caption": longest_train,  # in tokens, <start> and <end> included
+        "truncated_captions": sum(truncated.values()),
+        "truncated_by_split": truncated,
+        # captions.csv rows with unquoted commas, read as image + the rest joined (layouts.py).
+        "joined_rows": len(corpus.joined_rows),
+        "joined_row_locations": corpus.joined_rows,
         # None: images at their original size; N: resized to N x N as training resizes them.
         "resized_to": options.resize_to or None,
         "splits": splits,
@@ -192,6 +212,18 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     # The manifest is written last: its presence means the dataset is complete.
     write_json_atomically(f"{output_dir.rstrip('/')}/{MANIFEST}", manifest)
     return manifest
+
+
+def write_document_frequencies(output_dir: str, train_refs: list[list[list[int]]], vocab_size: int) -> dict:
+    """Writes the CIDEr-D document frequencies of the train references (token ids per caption, per image);
+    returns the manifest entry, which says why when there is no file."""
+    if vocab_size > KEY_BASE or not train_refs:
+        reason = (f"vocabulary of {vocab_size} ids exceeds CIDEr-D's {KEY_BASE}" if train_refs
+                  else "no train images")
+        return {"file": None, "reason": reason}
+    df = DocumentFrequencies.from_references([[word_ids_np(c) for c in caps] for caps in train_refs])
+    df.save(f"{output_dir.rstrip('/')}/{DOCUMENT_FREQUENCIES}")
+    return {"file": DOCUMENT_FREQUENCIES, "split": "train", "images": df.num_docs, "ngrams": len(df)}
 
 
 def write_json_atomically(path: str, obj) -> None:
@@ -223,9 +255,18 @@ def summarize(manifest: dict) -> str:
              "images: " + (f"resized to {manifest['resized_to']}x{manifest['resized_to']}"
                            if manifest.get("resized_to") else "original size"),
              f"vocabulary: {manifest['vocabulary']['size']} ids (fitted on train), max_len {manifest['max_len']}"
-             f", captions cut to max_len: {manifest['truncated_captions']}"]
+             + (f" (from the {manifest['max_len_from']}; longest train caption "
+                f"{manifest['longest_train_caption']})" if "max_len_from" in manifest else "")
+             + f", captions cut to max_len: {manifest['truncated_captions']}"
+             + (" (" + ", ".join(f"{s} {n}" for s, n in manifest["truncated_by_split"].items()) + ")"
+                if manifest.get("truncated_captions") and "truncated_by_split" in manifest else "")]
     for split, s in manifest["splits"].items():
         lines.append(f"{split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    joined = manifest.get("joined_rows", 0)
+    if joined:
+        where = manifest.get("joined_row_locations", [])
+        lines.append(f"captions.csv rows with unquoted commas, read as image + the rest as caption: {joined} "
+                     f"(e.g. {', '.join(where[:3])}; listed in manifest.json joined_row_locations)")
     reasons: dict[str, int] = {}
     for item in manifest["skipped"]:
         reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
@@ -252,7 +293,10 @@ def ensure_prepared(config, log=print) -> dict:
     """
     records_dir = config.data.records_dir
     if tf.io.gfile.exists(f"{records_dir.rstrip('/')}/{MANIFEST}"):
-        return load_manifest(records_dir)
+        manifest = load_manifest(records_dir)
+        vocabulary = f"{records_dir.rstrip('/')}/{VOCABULARY}"
+        Tokenizer.load(vocabulary).check_rules(vocabulary)  # before features are cached from old records
+        return manifest
     source = config.data.source_dir
     if config.data.generate_synthetic:
         from showtell_dist.data import synthetic

@@ -5,7 +5,10 @@
     logits = Dense(dropout(LSTM(embed(tokens), (h0, c0))))
 
 Training calls `encode` once per image and `decode_sequence` on all captions
-of those images (the state is repeated per caption). Decoding calls
+of those images (the state is repeated per caption). Dropout is stateless: its
+masks are a function of a seed the train step passes (`dropout_seed(seed, step,
+replica)`), so every replica and worker draws its own masks and a resumed run
+draws the masks an uninterrupted one would. Decoding calls
 `decode_step`, one token for every row, carrying (h, c): no prefix is re-run.
 """
 
@@ -21,10 +24,44 @@ from showtell_dist.model.encoders import build_encoder
 FEATURE_NORMS = ("batch", "layer", "none")
 
 
+def dropout_seed(base_seed: int, step, replica_id) -> tf.Tensor:
+    """[2] int64: the seed of one replica's dropout masks at one train step.
+
+    replica_id is the replica's id in the whole sync group (all workers), so no two replicas of
+    a step share masks; a pure function of its arguments, so a resumed run draws the same ones.
+    """
+    seed = tf.random.experimental.stateless_fold_in(tf.constant([base_seed, 0], tf.int64),
+                                                    tf.cast(step, tf.int64))
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+
+
+class StatelessDropout(keras.layers.Layer):
+    """Dropout whose mask is drawn from an explicit seed (no random-generator state to mirror,
+    which Keras's Dropout keeps in one variable that a strategy copies to every replica).
+
+    `salt` tells the model's dropout layers apart under one seed.
+    """
+
+    def __init__(self, rate: float, salt: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.salt = int(salt)
+
+    def call(self, x, training=False, seed=None):
+        if not training or self.rate == 0.0:
+            return x
+        if seed is None:
+            raise ValueError(f"{self.name}: dropout in training needs a seed ([2] int tensor, see dropout_seed); "
+                             "the Trainer passes one per step and replica.")
+        seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), self.salt)
+        return tf.nn.experimental.stateless_dropout(x, rate=self.rate, seed=seed)
+
+
 class ShowAndTell(keras.Model):
     def __init__(self, *, vocab_size: int, encoder: str = "small_cnn", encoder_weights: str | None = None,
                  encoder_trainable: bool = True, image_size: int | None = None, units: int = 512,
-                 embed_dim: int = 512, dropout: float = 0.3, feature_norm: str = "batch", **kwargs):
+                 embed_dim: int = 512, dropout: float = 0.3, feature_norm: str = "batch", use_cudnn="auto",
+                 **kwargs):
         super().__init__(**kwargs)
         self.encoder = build_encoder(encoder, image_size=image_size, weights=encoder_weights)
         self.encoder.trainable = encoder_trainable
@@ -42,10 +79,11 @@ class ShowAndTell(keras.Model):
             "layer": lambda: keras.layers.LayerNormalization(name="feature_norm"),
             "none": lambda: None}[feature_norm]()
         self.init_dense = keras.layers.Dense(units, activation="tanh", name="init_state")
-        self.init_dropout = keras.layers.Dropout(dropout)
+        self.init_dropout = StatelessDropout(dropout, salt=0, name="init_dropout")
         self.embedding = keras.layers.Embedding(vocab_size, embed_dim, name="embedding")
-        self.lstm = keras.layers.LSTM(units, return_sequences=True, name="lstm")
-        self.out_dropout = keras.layers.Dropout(dropout)
+        # use_cudnn=False where the step is XLA-compiled on a GPU (distribute/precision.py).
+        self.lstm = keras.layers.LSTM(units, return_sequences=True, use_cudnn=use_cudnn, name="lstm")
+        self.out_dropout = StatelessDropout(dropout, salt=1, name="out_dropout")
         # Logits in float32 even under a mixed-precision policy, for a stable loss.
         mixed = keras.mixed_precision.global_policy().compute_dtype in ("float16", "bfloat16")
         self.logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32" if mixed else None)
@@ -56,11 +94,6 @@ class ShowAndTell(keras.Model):
         state = self.initial_state(self.encode(images))
         self.decode_sequence(state, tf.zeros([1, 2], tf.int32))
         return self
-
-    def rng_state_variables(self) -> list:
-        """Dropout's random-generator states: Keras does not expose them to tf.train.Checkpoint
-        through the model, so they are checkpointed explicitly for an exact resume."""
-        return [v for v in self.variables if v.path.endswith("seed_generator_state")]
 
     def encode(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         """[batch, H, W, 3] 0..255 (uint8 from the input pipelines, or float) -> [batch, feature_dim]."""
@@ -75,17 +108,19 @@ class ShowAndTell(keras.Model):
             return batch["features"]
         return self.encode(batch["images"], training=training)
 
-    def initial_state(self, features: tf.Tensor, training: bool = False, repeats: int = 1):
-        """[batch, feature_dim] -> (h, c), each [batch * repeats, units]."""
+    def initial_state(self, features: tf.Tensor, training: bool = False, repeats: int = 1, dropout_seed=None):
+        """[batch, feature_dim] -> (h, c), each [batch * repeats, units]. Training with dropout
+        needs dropout_seed ([2] int, see `dropout_seed`)."""
         if self.feature_norm is not None:
             features = self.feature_norm(features, training=training)
         h = self.init_dense(features)
         if repeats > 1:
             h = tf.repeat(h, repeats, axis=0)
-        h = self.init_dropout(h, training=training)
+        h = self.init_dropout(h, training=training, seed=dropout_seed)
         return h, tf.zeros_like(h)
 
-    def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False, positions=None) -> tf.Tensor:
+    def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False, positions=None,
+                        dropout_seed=None) -> tf.Tensor:
         """Teacher forcing: tokens [rows, time] -> logits [rows, time, vocab] float32.
 
         With positions ([n, 2] (row, time) indices) the logits are computed only
@@ -96,26 +131,27 @@ class ShowAndTell(keras.Model):
         x = self.lstm(x, initial_state=list(state), training=training)  # [rows, time, units]
         if positions is not None:
             x = tf.gather_nd(x, positions)  # [n, units]
-        return self.logits(self.out_dropout(x, training=training))
+        return self.logits(self.out_dropout(x, training=training, seed=dropout_seed))
 
-    def decode_step(self, tokens: tf.Tensor, state):
-        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c)."""
+    def decode_step(self, tokens: tf.Tensor, state, dropout_seed=None):
+        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c).
+        With dropout_seed ([2] int) the output dropout applies (self-critical sampling may use it)."""
         x = self.embedding(tokens)
         h, (h, c) = self.lstm.cell(x, list(state), training=False)
-        return self.logits(h), (h, c)
+        return self.logits(self.out_dropout(h, training=dropout_seed is not None, seed=dropout_seed)), (h, c)
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, dropout_seed=None):
         """(images [batch, H, W, 3], tokens [batch, time]) -> logits [batch, time, vocab]."""
         images, tokens = inputs
-        return self.decode_sequence(self.initial_state(self.encode(images, training), training),
-                                    tokens, training)
+        state = self.initial_state(self.encode(images, training), training, dropout_seed=dropout_seed)
+        return self.decode_sequence(state, tokens, training, dropout_seed=dropout_seed)
 
 
-def build_model(model_config, vocab_size: int) -> ShowAndTell:
+def build_model(model_config, vocab_size: int, use_cudnn="auto") -> ShowAndTell:
     """Builds a ShowAndTell from the `model` part of an experiment config."""
     return ShowAndTell(vocab_size=vocab_size, encoder=model_config.encoder,
                        encoder_weights=model_config.encoder_weights or None,
                        encoder_trainable=model_config.encoder_trainable,
                        image_size=model_config.image_size or None, units=model_config.units,
                        embed_dim=model_config.embed_dim, dropout=model_config.dropout,
-                       feature_norm=model_config.get("feature_norm", "batch")).build_all()
+                       feature_norm=model_config.get("feature_norm", "batch"), use_cudnn=use_cudnn).build_all()

@@ -24,9 +24,10 @@ from showtell_dist.errors import ConfigError
 OPERATIONAL_KEYS = frozenset({
     "data.source_dir", "data.records_dir", "data.features_dir", "data.image_dir", "data.generate_synthetic",
     "train.steps_per_loop", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-    "train.eval_max_images", "train.jit_compile", "train.log_every", "demo.num_examples",
+    "train.eval_max_images", "train.summary_images", "train.jit_compile", "train.log_every", "demo.num_examples",
     # How validation captions are decoded and which checkpoint is kept: not what is trained.
     "eval.beam_width", "eval.length_normalization", "eval.alpha", "eval.select_metric",
+    "eval.remove_bad_endings", "eval.block_trigrams",
 })
 
 
