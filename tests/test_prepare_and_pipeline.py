@@ -199,7 +199,7 @@ def non_numeric(element_spec) -> list[str]:
 
 def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
     """Every batch a pipeline yields goes whole into strategy.run: no strings (a TPU infeed refuses them)."""
-    from showtell_dist.data import feature_cache
+    from showtell_dist.features import builder
 
     records_dir, manifest = tiny_dataset
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -216,7 +216,7 @@ def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
                                                  strategy.experimental_local_results(got))) == [], name
     files = pipeline.shard_files(manifest, _spec(records_dir, manifest))
     caching = strategy.experimental_distribute_dataset(
-        feature_cache._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
+        builder._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
     assert non_numeric(caching.element_spec) == []
 
 

@@ -32,7 +32,9 @@ enough files and by record otherwise. Training order is a pure function of the
 seed: each epoch reads its shards in an order drawn from (seed, epoch), a
 group of shards at a time, and permutes each group's records (`TrainOrder`).
 A resumed run therefore starts reading at the group it stopped in, whatever
-the step, and sees exactly the stream an uninterrupted run sees.
+the step, and sees exactly the stream an uninterrupted run sees (with
+`deterministic`; without it parallel decoding may swap neighbouring images,
+so batches near the resume point may differ by a few images).
 """
 
 from __future__ import annotations
