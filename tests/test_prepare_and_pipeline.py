@@ -356,3 +356,7 @@ def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
         assert np.abs(pixels - b[image_id][1]).mean() < 2.0  # the same pixels, up to the JPEG re-encoding
     with pytest.raises(ConfigError, match="resize_to"):
         prepare_dataset(str(raw), str(tmp_path / "bad"), PrepareOptions(resize_to=-1))
+    spec = pipeline.PipelineSpec(data_dir=str(tmp_path / "resized"), split="train", image_size=64,
+                                 captions_per_image=1, max_len=resized["max_len"], global_batch_size=4)
+    with pytest.raises(DataError, match="--resize_to=64"):
+        pipeline.train_input_fn(resized, spec)

@@ -68,7 +68,10 @@ def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
         shuffle_buffer=config.data.shuffle_buffer,
-        caption_buckets=pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0)),
+        # Teacher forcing runs over each batch's own caption bucket; self-critical steps take the references
+        # at the static max_len.
+        caption_buckets=(pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0))
+                         if phase is None or phase.name == "xe" else ()),
         deterministic=config.data.get("deterministic_input", True))
 
 
