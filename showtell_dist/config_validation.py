@@ -122,7 +122,7 @@ FIELDS: dict[str, Field] = {
     "data.images_per_shard": Int(min=1),
     "data.captions_per_image": Int(min=1),
     "data.shuffle_buffer": Int(min=1),
-    "data.caption_buckets": Int(min=1, zero="captions padded to max_len"),
+    "data.caption_buckets": Int(min=1, zero="pad every batch to max_len"),
     "data.deterministic_input": Bool(),
     "data.resize_to": Int(min=1, zero="images kept at their original size"),
     # tokenizer
