@@ -31,19 +31,21 @@ def main(argv):
     del argv
     config = _CONFIG.value
     with cli.user_errors():
+        cli.validate_config(config)  # every bad value in one message, before any work
         from showtell_dist.data import feature_cache
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.errors import ConfigError
+        from showtell_dist.features import builder
 
         output_dir = _OUTPUT.value or feature_cache.features_dir_of(config)
         if not output_dir:
             raise ConfigError("no --output_dir and the config has no data.features_dir; pass --output_dir=DIR.")
         strategy = cli.strategy_from_flags()
         ensure_prepared(config)
-        manifest = feature_cache.cache_features(config.data.records_dir, output_dir, config.model,
-                                                strategy=strategy, batch_size=_BATCH.value, splits=_SPLITS.value,
-                                                progress=_PROGRESS.value)
-        print(feature_cache.summarize(manifest))
+        manifest = builder.cache_features(config.data.records_dir, output_dir, config.model,
+                                          strategy=strategy, batch_size=_BATCH.value, splits=_SPLITS.value,
+                                          progress=_PROGRESS.value)
+        print(builder.summarize(manifest))
         print(f"wrote {output_dir.rstrip('/')}/manifest.json")
 
 

@@ -2,6 +2,7 @@
 
   python launch/caption.py --model_dir=runs/demo photo.jpg 'shots/*.png'
   python launch/caption.py --model_dir=runs/demo --images='gs://bucket/imgs/*.jpg' --beam_width=5 --top_k=3
+  python launch/caption.py --model_dir=runs/a,runs/b photo.jpg        # an ensemble of two runs
 
 Any format Pillow reads. With --top_k=K > 1 each image gets K lines
 `path<TAB>caption<TAB>score`, best first (score: the beam search's length-
@@ -17,13 +18,10 @@ from absl import app, flags
 
 import cli
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).",
-                                 required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory, 'best' or 'latest'. "
-                                  "Default: the one selected by a val metric in training, else the latest.")
 _IMAGES = flags.DEFINE_list("images", [], "Image paths or glob patterns (also accepted as positional arguments).")
 _TOP_K = flags.DEFINE_integer("top_k", 1, "Print the K best captions of each image with their scores.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Images captioned together.")
+cli.define_model_flags()
 cli.define_decode_flags()
 
 
@@ -35,10 +33,9 @@ def main(argv):
         if not paths:
             raise ConfigError("no images given: pass image paths or globs as arguments or with --images.")
         from showtell_dist.evaluation.captioner import caption_files
-        from showtell_dist.model.restore import load_trained_model
 
-        trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
-        options = cli.decode_options(trained.config)
+        trained = cli.load_models()
+        options = cli.decode_options((trained if not isinstance(trained, list) else trained[0]).config)
         results, errors = caption_files(trained, paths, options.pop("beam_width"), _TOP_K.value,
                                         batch_size=_BATCH.value, **options)
     for r in results:

@@ -28,17 +28,53 @@ def define_decode_flags(beam_help: str = "Beam width (1 = greedy).") -> None:
                       "Default: the run's eval.length_normalization, else average.")
     flags.DEFINE_float("alpha", None, "GNMT length-penalty exponent (with --length_normalization=gnmt). "
                        "Default: the run's eval.alpha, else 0.6.")
+    flags.DEFINE_bool("remove_bad_endings", None, "Never end a caption on a function word ('a', 'with', 'the', "
+                      "...). Default: the run's eval.remove_bad_endings, else False.")
+    flags.DEFINE_bool("block_trigrams", None, "Never repeat a trigram within a caption. "
+                      "Default: the run's eval.block_trigrams, else False.")
+
+
+def define_model_flags() -> None:
+    """--model_dir and --checkpoint, both lists: several checkpoints decode as an ensemble."""
+    flags.DEFINE_list("model_dir", None, "Model directory written by launch/train.py (local or gs://); several "
+                      "(comma-separated, one vocabulary) decode as an ensemble.", required=True)
+    flags.DEFINE_list("checkpoint", None, "Checkpoint prefix (e.g. <model_dir>/checkpoints/ckpt-500), a directory "
+                      "of checkpoints, 'best' (selected by a val metric during training) or 'latest'; several "
+                      "(comma-separated) of one --model_dir, or one per --model_dir, decode as an ensemble "
+                      "(their log-probabilities averaged at every step). Default: best if the run selected one, "
+                      "else latest.")
+
+
+def load_models(strategy=None):
+    """The TrainedModel of --model_dir/--checkpoint, or the list of an ensemble's members."""
+    from showtell_dist.run.restore import ensemble_members, load_ensemble
+
+    members = load_ensemble(ensemble_members(flags.FLAGS.model_dir, flags.FLAGS.checkpoint or ()), strategy)
+    return members[0] if len(members) == 1 else members
 
 
 def decode_options(run_config) -> dict:
-    """beam_width, length_normalization and alpha: the flags where given, else the run's config."""
-    from showtell_dist.training.checkpoint_selection import eval_options
+    """beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams: the flags where given,
+    else the run's config."""
+    from showtell_dist.run.run_dir import eval_options
 
     options = eval_options(run_config)
     for name in options:
         if flags.FLAGS[name].value is not None:
             options[name] = flags.FLAGS[name].value
     return options
+
+
+def validate_config(config) -> None:
+    """ConfigError listing every bad value of the --config (file and overrides), before any work.
+
+    Fields without a rule of their own are type-checked against configs/demo.py's defaults.
+    """
+    from configs import demo
+    from showtell_dist.config_validation import validate_config as validate
+
+    source = f"--config={flags.FLAGS['config'].config_filename} (with its --config.* overrides)"
+    validate(config, source=source, reference=demo.get_config())
 
 
 def strategy_from_flags():

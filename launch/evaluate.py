@@ -3,6 +3,8 @@
   python launch/evaluate.py --model_dir=runs/demo                       # test split, beam 3
   python launch/evaluate.py --model_dir=runs/demo --split=val --max_images=500 --beam_width=5
   python launch/evaluate.py --model_dir=gs://bucket/run --strategy=mirrored --num_cpu_devices=2
+  python launch/evaluate.py --model_dir=runs/a,runs/b --remove_bad_endings --block_trigrams   # an ensemble
+  TF_CONFIG=... python launch/evaluate.py --model_dir=runs/demo --strategy=multi_worker   # on every worker
 
 Writes metrics.json, captions.json (COCO results format) and report.html (the
 scores, then the best and worst images by CIDEr-D) into --output_dir, default
@@ -14,22 +16,19 @@ from absl import app, flags
 
 import cli
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).",
-                                 required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix (e.g. <model_dir>/checkpoints/ckpt-500), "
-                                  "a directory of checkpoints, 'best' (selected by a val metric during training) "
-                                  "or 'latest'. Default: best if the run selected one, else latest.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the prepared records to caption.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Caption only the first N images of the split.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records, or a features cache made from them for "
                                    "the run's frozen encoder. Default: the run's data.features_dir when that "
                                    "cache exists, else its data.records_dir.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split>.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split> "
+                                  "(eval_<split>_ensemble for several checkpoints, in the first model_dir).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global decode batch (multiple of the replicas). "
                               "Default: up to 32 per replica.")
 _METEOR = flags.DEFINE_bool("meteor", True, "Compute METEOR (~10 s to start its Java process).")
 _REPORT = flags.DEFINE_integer("report_images", 10, "Best and worst images shown in report.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+cli.define_model_flags()
 cli.define_strategy_flags()
 cli.define_decode_flags()
 
@@ -49,20 +48,27 @@ def main(argv):
         strategy = cli.strategy_from_flags()
         from showtell_dist.evaluation.evaluator import evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
-        from showtell_dist.model.restore import load_trained_model
+        from showtell_dist.run.run_dir import read_selection
 
         check_java()
-        model_dir = _MODEL_DIR.value.rstrip("/")
-        trained = load_trained_model(model_dir, _CHECKPOINT.value, strategy)
-        records_dir = _RECORDS_DIR.value or _default_data_dir(trained.config)
-        output_dir = _OUTPUT_DIR.value or f"{model_dir}/eval_{_SPLIT.value}"
-        options = cli.decode_options(trained.config)
-        print(f"checkpoint {trained.checkpoint_path} (step {trained.step}); {_SPLIT.value} split of {records_dir}; "
+        models = cli.load_models(strategy)
+        members = models if isinstance(models, list) else [models]
+        first = members[0]
+        records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
+        model_dir = flags.FLAGS.model_dir[0].rstrip("/")
+        output_dir = _OUTPUT_DIR.value or (f"{model_dir}/eval_{_SPLIT.value}"
+                                           + ("_ensemble" if len(members) > 1 else ""))
+        options = cli.decode_options(first.config)
+        checkpoints = "; ".join(f"{m.checkpoint_path} (step {m.step})" for m in members)
+        print(f"checkpoint{'s' if len(members) > 1 else ''} {checkpoints}; {_SPLIT.value} split of {records_dir}; "
               f"beam width {options['beam_width']}, length normalization {options['length_normalization']}; "
               f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
-        summary = evaluate_split(trained, records_dir, _SPLIT.value, strategy, output_dir,
+        summary = evaluate_split(models, records_dir, _SPLIT.value, strategy, output_dir,
                                  max_images=_MAX_IMAGES.value, batch_size=_BATCH.value, use_meteor=_METEOR.value,
-                                 report_images=_REPORT.value, progress=_PROGRESS.value, **options)
+                                 report_images=_REPORT.value, progress=_PROGRESS.value,
+                                 selection=read_selection(model_dir), **options)  # val curves in report.html
+        if not summary:  # a worker of a multi-worker job: it decoded its share, the chief reports
+            return
         speed = summary["images_per_s"]
         print(f"{summary['num_images']} images" + (f", {speed:.1f} images/s" if speed else ""))
         print(format_metrics_table(summary["metrics"]))

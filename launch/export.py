@@ -3,6 +3,7 @@
   python launch/export.py --model_dir=runs/f8k                     # -> runs/f8k/export
   python launch/export.py --model_dir=runs/f8k --checkpoint=runs/f8k/checkpoints/ckpt-500 \
       --export_dir=/tmp/captioner --beam_width=5
+  python launch/export.py --model_dir=runs/f8k --checkpoint=runs/f8k/best,runs/f8k/checkpoints  # an ensemble
 
 Load it with TensorFlow alone:
   m = tf.saved_model.load(export_dir)
@@ -18,27 +19,25 @@ from absl import app, flags
 
 import cli
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Model directory written by launch/train.py (local or gs://).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint prefix or directory, 'best' or 'latest'. "
-                                  "Default: the one selected by a val metric in training, else the latest.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Where to write the SavedModel (default: model_dir/export).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Maximum generated tokens incl. <end> (default: the "
                                 "vocabulary's max_len - 1).")
+cli.define_model_flags()
 cli.define_decode_flags("Captions per image (beam size).")
-flags.mark_flag_as_required("model_dir")
 
 
 def main(argv):
     del argv
-    export_dir = _EXPORT_DIR.value or f"{_MODEL_DIR.value.rstrip('/')}/export"
+    export_dir = _EXPORT_DIR.value or f"{flags.FLAGS.model_dir[0].rstrip('/')}/export"
     with cli.user_errors():
         from showtell_dist.export import export_saved_model
-        from showtell_dist.model.restore import load_trained_model
 
-        trained = load_trained_model(_MODEL_DIR.value, _CHECKPOINT.value)
-        options = cli.decode_options(trained.config)
-        export_saved_model(trained, export_dir, max_len=_MAX_LEN.value, **options)
-    print(f"exported {trained.checkpoint_path} (step {trained.step}) to {export_dir}: signature "
+        models = cli.load_models()
+        members = models if isinstance(models, list) else [models]
+        options = cli.decode_options(members[0].config)
+        export_saved_model(models, export_dir, max_len=_MAX_LEN.value, **options)
+    checkpoints = "; ".join(f"{m.checkpoint_path} (step {m.step})" for m in members)
+    print(f"exported {checkpoints} to {export_dir}: signature "
           f"serving_default(images: string[n]) -> captions string[n, {options['beam_width']}], "
           f"scores float32[n, {options['beam_width']}]", flush=True)
 

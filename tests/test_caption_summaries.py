@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from showtell_dist.data import feature_cache
+from showtell_dist.features import builder
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.training import train_loop
@@ -129,7 +129,7 @@ def features_cache(tiny_dataset, tmp_path_factory):
     config.model.encoder_trainable = False
     config.model.encoder_weights = weights
     out = str(tmp_path_factory.mktemp("features"))
-    feature_cache.cache_features(records_dir, out, config.model, batch_size=8, progress=False)
+    builder.cache_features(records_dir, out, config.model, batch_size=8, progress=False)
     config.data.features_dir = out
     return config
 

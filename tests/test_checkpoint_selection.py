@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
 from showtell_dist.evaluation.evaluator import evaluate_split
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
-from showtell_dist.training.checkpoint_selection import BEST_DIR, SELECTION_FILE, read_selection
+from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, read_selection
 from tiny_setup import tiny_config
 
 METRIC = "BLEU-1"  # a tiny model's captions score above 0 on it, so the choice between steps is real

@@ -19,7 +19,7 @@ from showtell_dist.errors import ConfigError, UserError
 from showtell_dist.evaluation import metrics, report
 from showtell_dist.evaluation.captioner import caption_files
 from showtell_dist.evaluation.evaluator import decode_split, evaluate_split, scan_records
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from tiny_setup import REPO_ROOT
 
 SPLIT = "test"  # 8 images in the tiny dataset

@@ -14,7 +14,7 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search
 from showtell_dist.errors import ConfigError
 from showtell_dist.export import export_saved_model
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from tiny_setup import REPO_ROOT
 
 BEAM = 3

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from showtell_dist.data import feature_cache, pipeline, records
+from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import load_manifest
 from showtell_dist.errors import ConfigError, DataError
+from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training import train_loop
@@ -54,7 +55,7 @@ def cache(tiny_dataset, weights, tmp_path_factory):
     records_dir, _ = tiny_dataset
     out = str(tmp_path_factory.mktemp("features"))
     # batch 5: shards of 16, 12 and 8 images all end with a padded batch
-    manifest = feature_cache.cache_features(records_dir, out, _frozen_config(records_dir, weights).model,
+    manifest = builder.cache_features(records_dir, out, _frozen_config(records_dir, weights).model,
                                             batch_size=5, progress=False)
     return out, manifest
 
@@ -117,7 +118,7 @@ def test_mirrored_caching_gives_the_same_features(cache, tiny_dataset, weights, 
     out, manifest = cache
     records_dir, _ = tiny_dataset
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    mirrored = feature_cache.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
+    mirrored = builder.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
                                             strategy=strategy, batch_size=6, splits=["val"], progress=False)
     assert list(mirrored["splits"]) == ["val"]
     dim = manifest["features"]["dim"]
@@ -128,7 +129,7 @@ def test_mirrored_caching_gives_the_same_features(cache, tiny_dataset, weights, 
     np.testing.assert_allclose(np.stack([e["features"] for e in a]), np.stack([e["features"] for e in b]),
                                **F16_TOL)
     with pytest.raises(ConfigError, match="not divisible"):
-        feature_cache.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
+        builder.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
                                      strategy=strategy, batch_size=5, progress=False)
 
 
@@ -175,7 +176,7 @@ def test_same_weights_same_loss_from_images_and_from_features(cache, tiny_datase
 
 def test_train_from_features_then_evaluate_and_restore(cache, tiny_dataset, weights, tmp_path):
     from showtell_dist.evaluation.evaluator import decode_split
-    from showtell_dist.model.restore import load_trained_model
+    from showtell_dist.run.restore import load_trained_model
 
     out, manifest = cache
     records_dir, _ = tiny_dataset
@@ -249,22 +250,22 @@ def test_mismatched_cache_is_refused(cache, tiny_dataset, weights, tmp_path):
     with pytest.raises(ConfigError, match="encoder_weights is empty"):
         train_loop.build_experiment(_frozen_config(records_dir, "", out), strategy)
     with pytest.raises(ConfigError, match="encoder_weights is empty"):
-        feature_cache.cache_features(records_dir, str(tmp_path / "x"), _frozen_config(records_dir, "").model)
+        builder.cache_features(records_dir, str(tmp_path / "x"), _frozen_config(records_dir, "").model)
     with pytest.raises(ConfigError, match="another directory"):
-        feature_cache.cache_features(records_dir, records_dir + "/", _frozen_config(records_dir, weights).model)
+        builder.cache_features(records_dir, records_dir + "/", _frozen_config(records_dir, weights).model)
     with pytest.raises(DataError, match="already a features cache"):
-        feature_cache.cache_features(out, str(tmp_path / "y"), _frozen_config(records_dir, weights).model)
+        builder.cache_features(out, str(tmp_path / "y"), _frozen_config(records_dir, weights).model)
 
 
 def test_ensure_features_builds_once(tiny_dataset, weights, tmp_path):
     records_dir, _ = tiny_dataset
     out = str(tmp_path / "features")
-    assert feature_cache.ensure_features(_frozen_config(records_dir, weights)) is None  # trains from images
+    assert builder.ensure_features(_frozen_config(records_dir, weights)) is None  # trains from images
     config = _frozen_config(records_dir, weights, out)
     logs = []
-    made = feature_cache.ensure_features(config, log=logs.append)
+    made = builder.ensure_features(config, log=logs.append)
     assert made["kind"] == "features" and len(logs) == 2
-    assert feature_cache.ensure_features(config, log=logs.append) == made and len(logs) == 2  # reused
+    assert builder.ensure_features(config, log=logs.append) == made and len(logs) == 2  # reused
 
 
 # ----------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def test_flickr8k_slice_with_mobilenet_v2(tmp_path):
                         eval_every=0)
 
     ensure_prepared(config, log=lambda m: None)
-    manifest = feature_cache.ensure_features(config, log=lambda m: None)
+    manifest = builder.ensure_features(config, log=lambda m: None)
     assert manifest["features"]["dim"] == 1280 and manifest["features"]["image_size"] == 224
     assert manifest["features"]["weights_sha256"] == MOBILENET_SHA256
     assert [len(manifest["splits"][s]["shards"]) for s in ("train", "val")] == [2, 1]

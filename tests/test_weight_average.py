@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
 from showtell_dist.training.weight_average import WeightAverage
 from tiny_setup import tiny_config

@@ -34,6 +34,20 @@ Token id 0 is padding: it is never generated and pads the outputs. Ids in
 ``forbidden_ids`` (e.g. the unknown token) are never generated either: their
 logits are set to -inf before the softmax, so the remaining tokens' log-probs
 are renormalised over the allowed vocabulary.
+
+Two options counter the artefacts of CIDEr optimisation (self-critical
+training), both off by default and both applied to the log-probs of every
+step without renormalising, as self-critical.pytorch does:
+
+* ``bad_ending_ids`` (`bad_ending_ids_of(words)`: the ids of `BAD_ENDINGS`,
+  function words such as "a", "with", "the"): after such a word the end
+  token's log-prob is -inf, so no caption ends on it (a hypothesis still alive
+  at ``max_len`` is kept as it is);
+* ``block_trigrams``: a hypothesis may not produce a token that repeats a
+  trigram it already contains ("a dog on a dog on a ...").
+
+Both keep every shape static (a scatter into a [rows, vocab] penalty), so the
+decoders still compile with XLA.
 """
 
 from __future__ import annotations
@@ -48,6 +62,9 @@ PAD_ID = 0
 LENGTH_NORMALIZATIONS = ("none", "average", "gnmt")
 
 _NEG_INF = float("-inf")
+# Words a caption should not end on (self-critical.pytorch's bad_endings, plus conjunctions and possessives).
+BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to",
+               "is", "are", "am", "and", "its", "his", "her", "their", "from", "by", "into", "onto", "as", "while")
 
 StepFn = Callable[[tf.Tensor, Any], "tuple[tf.Tensor, Any]"]
 
@@ -189,6 +206,54 @@ def _mask_and_log_softmax(logits: tf.Tensor, banned_ids: Sequence[int], vocab_si
     return tf.nn.log_softmax(logits, axis=-1)  # [rows, vocab]
 
 
+def bad_ending_ids_of(words: Sequence[str]) -> tuple:
+    """The ids of the vocabulary `words` (id = position) that are in BAD_ENDINGS."""
+    bad = set(BAD_ENDINGS)
+    return tuple(i for i, w in enumerate(words) if w in bad)
+
+
+def _repeated_trigram_penalty(seq: tf.Tensor, t: tf.Tensor, vocab) -> tf.Tensor:
+    """[rows, vocab] float32: -inf for each token that would repeat a trigram of its row, else 0.
+
+    seq [rows, time] holds the t tokens generated so far (zeros from t on).
+    The next token x completes the trigram (seq[t-2], seq[t-1], x); it is
+    blocked when some earlier position j (j + 2 <= t - 1) starts the bigram
+    (seq[t-2], seq[t-1]) and x = seq[j+2].
+    """
+    rows, time = _shape_list(seq)
+    if not isinstance(time, int):
+        raise ConfigError("block_trigrams needs a static max_len.")
+    if time < 4:  # a trigram can only repeat from the 4th token on
+        return tf.zeros([rows, vocab], tf.float32)
+    prev2 = tf.gather(seq, tf.maximum(t - 2, 0), axis=1)  # [rows]
+    prev1 = tf.gather(seq, tf.maximum(t - 1, 0), axis=1)  # [rows]
+    first, second, third = seq[:, :time - 2], seq[:, 1:time - 1], seq[:, 2:]  # [rows, time-2] each
+    starts = tf.range(time - 2)  # [time-2]
+    repeats = (tf.equal(first, prev2[:, None]) & tf.equal(second, prev1[:, None])
+               & (starts[None, :] + 2 <= t - 1))  # [rows, time-2]; third is a generated token
+    row = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(third))  # [rows, time-2]
+    indices = tf.reshape(tf.stack([row, third], axis=-1), [-1, 2])  # [rows*(time-2), 2]
+    updates = tf.reshape(tf.where(repeats, _NEG_INF, 0.0), [-1])  # [rows*(time-2)]
+    return tf.tensor_scatter_nd_min(tf.zeros([rows, vocab], tf.float32), indices, updates)  # [rows, vocab]
+
+
+def _constrain(log_probs: tf.Tensor, last: tf.Tensor, seq: tf.Tensor, t: tf.Tensor, end_id: int,
+               bad_endings: Sequence[int], block_trigrams: bool) -> tf.Tensor:
+    """log_probs [rows, vocab] with the end token at -inf after a bad ending and repeated trigrams at -inf.
+
+    last [rows]: the token each row fed this step; seq [rows, time]: its tokens so far; t []: steps done.
+    """
+    vocab = _shape_list(log_probs)[1]
+    if bad_endings:
+        bad = tf.constant(sorted(set(bad_endings)), tf.int32)  # [n_bad]
+        after_bad = tf.reduce_any(tf.equal(last[:, None], bad[None, :]), axis=1)  # [rows]
+        is_end = tf.equal(tf.range(vocab), end_id)  # [vocab]
+        log_probs = tf.where(after_bad[:, None] & is_end[None, :], _NEG_INF, log_probs)
+    if block_trigrams:
+        log_probs = log_probs + _repeated_trigram_penalty(seq, t, vocab)
+    return log_probs
+
+
 # ----------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------
@@ -211,15 +276,34 @@ def _banned_ids(forbidden_ids: Sequence[int], end_id: int, vocab_size=None) -> t
     return (PAD_ID,) + ids
 
 
+def _check_bad_endings(bad_ending_ids: Sequence[int], end_id: int, vocab_size=None) -> tuple:
+    ids = tuple(int(i) for i in bad_ending_ids)
+    if end_id in ids:
+        raise ConfigError(f"end_id={end_id} is in bad_ending_ids; list the ids of words a caption may not end on.")
+    for i in ids:
+        if i < 0 or (vocab_size is not None and i >= vocab_size):
+            raise ConfigError(f"bad ending id {i} is outside the vocabulary [0, {vocab_size}).")
+    return ids
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def _check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r} must be a positive integer.")
     return value
 
 
-def check_decode_options(beam_width: int, length_normalization: str, alpha: float) -> None:
-    """Raises ConfigError for a beam width, length normalization or GNMT alpha a user cannot mean."""
+def check_decode_options(beam_width: int, length_normalization: str, alpha: float, remove_bad_endings: bool = False,
+                         block_trigrams: bool = False) -> None:
+    """Raises ConfigError for decoding options (the run's eval.* settings) a user cannot mean."""
     _check_positive("beam_width", beam_width)
+    _check_bool("remove_bad_endings", remove_bad_endings)
+    _check_bool("block_trigrams", block_trigrams)
     _check_normalization(length_normalization)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
         raise ConfigError(f"alpha (the GNMT length-penalty exponent) must be a number >= 0, got {alpha!r}.")
@@ -231,7 +315,8 @@ def check_decode_options(beam_width: int, length_normalization: str, alpha: floa
 
 
 def _greedy_loop(step_fn: StepFn, initial_state: Any, max_len: int, start_id: int, end_id: int,
-                 banned: Sequence[int], vocab_size=None) -> _GreedyLoopState:
+                 banned: Sequence[int], vocab_size=None, bad_endings: Sequence[int] = (),
+                 block_trigrams: bool = False) -> _GreedyLoopState:
     """Arg-max decoding; returns the final loop state (tokens, lengths, log-probs, steps)."""
     initial_state = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
     batch = _batch_size(initial_state)
@@ -243,6 +328,7 @@ def _greedy_loop(step_fn: StepFn, initial_state: Any, max_len: int, start_id: in
         logits, new_state = step_fn(s.last, s.state)  # [batch, vocab]
         new_state = _like_structure(s.state, new_state)
         log_probs = _mask_and_log_softmax(logits, banned, vocab_size)  # [batch, vocab]
+        log_probs = _constrain(log_probs, s.last, s.tokens, s.t, end_id, bad_endings, block_trigrams)
         next_token = tf.argmax(log_probs, axis=-1, output_type=tf.int32)  # [batch]
         next_log_prob = tf.gather(log_probs, next_token, batch_dims=1)  # [batch]
         live = tf.logical_not(s.done)  # [batch]
@@ -268,7 +354,8 @@ def _greedy_loop(step_fn: StepFn, initial_state: Any, max_len: int, start_id: in
 
 
 def greedy_decode(step_fn: StepFn, initial_state: Any, *, max_len: int, start_id: int, end_id: int,
-                  forbidden_ids: Sequence[int] = ()) -> tuple:
+                  forbidden_ids: Sequence[int] = (), bad_ending_ids: Sequence[int] = (),
+                  block_trigrams: bool = False) -> tuple:
     """Greedy (arg-max) decoding of a whole batch.
 
     Args:
@@ -278,6 +365,8 @@ def greedy_decode(step_fn: StepFn, initial_state: Any, *, max_len: int, start_id
       start_id: token fed at the first step.
       end_id: token that ends a caption.
       forbidden_ids: ids never generated (the padding id 0 never is either).
+      bad_ending_ids: ids after which the end token is never generated.
+      block_trigrams: never repeat a trigram within a caption.
 
     Returns:
       tokens: [batch, max_len] int32 -- generated tokens, the end token
@@ -286,7 +375,9 @@ def greedy_decode(step_fn: StepFn, initial_state: Any, *, max_len: int, start_id
     """
     max_len = _check_positive("max_len", max_len)
     banned = _banned_ids(forbidden_ids, end_id)
-    final = _greedy_loop(step_fn, initial_state, max_len, start_id, end_id, banned)
+    bad_endings = _check_bad_endings(bad_ending_ids, end_id)
+    final = _greedy_loop(step_fn, initial_state, max_len, start_id, end_id, banned,
+                         bad_endings=bad_endings, block_trigrams=_check_bool("block_trigrams", block_trigrams))
     return final.tokens, final.lengths
 
 
@@ -297,7 +388,8 @@ def greedy_decode(step_fn: StepFn, initial_state: Any, *, max_len: int, start_id
 
 def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len: int, start_id: int, end_id: int,
                 vocab_size: int, forbidden_ids: Sequence[int] = (), length_normalization: str = "average",
-                alpha: float = 0.6) -> BeamSearchResult:
+                alpha: float = 0.6, bad_ending_ids: Sequence[int] = (), block_trigrams: bool = False
+                ) -> BeamSearchResult:
     """Beam search over a batch of images with one `tf.while_loop`.
 
     Args:
@@ -318,6 +410,9 @@ def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len
         the number of generated tokens incl. end) or "gnmt" (divided by
         ((5 + length) / 6) ** alpha).
       alpha: GNMT exponent.
+      bad_ending_ids: ids after which the end token is never generated
+        (`bad_ending_ids_of(words)`); empty: any word may end a caption.
+      block_trigrams: a hypothesis never repeats a trigram it contains.
 
     Returns:
       `BeamSearchResult` with tokens [batch, K, T], scores/log_probs/lengths
@@ -330,12 +425,15 @@ def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len
     if vocab_size < 2:
         raise ConfigError("vocab_size must be at least 2 (padding + end token).")
     banned = _banned_ids(forbidden_ids, end_id, vocab_size)
+    bad_endings = _check_bad_endings(bad_ending_ids, end_id, vocab_size)
+    block_trigrams = _check_bool("block_trigrams", block_trigrams)
 
     def penalty(lengths):
         return length_penalty(lengths, length_normalization, alpha)
 
     if beam == 1:
-        return _greedy_as_beam(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size, penalty)
+        return _greedy_as_beam(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size, penalty,
+                               bad_endings, block_trigrams)
 
     initial_state = tf.nest.map_structure(tf.convert_to_tensor, initial_state)
     batch = _batch_size(initial_state)
@@ -366,6 +464,8 @@ def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len
         logits, new_state = step_fn(_merge_beams(s.alive_last), s.alive_state)  # [batch*beam, vocab]
         new_state = _like_structure(s.alive_state, new_state)  # nest of [batch*beam, ...]
         log_probs = _mask_and_log_softmax(logits, banned, vocab_size)  # [batch*beam, vocab]
+        log_probs = _constrain(log_probs, _merge_beams(s.alive_last), _merge_beams(s.alive_seq), s.t, end_id,
+                               bad_endings, block_trigrams)  # [batch*beam, vocab]
         log_probs = _split_beams(log_probs, batch, beam)  # [batch, beam, vocab]
 
         # Top 2K of the K*V expansions per image, by raw summed log-prob.
@@ -432,14 +532,16 @@ def beam_search(step_fn: StepFn, initial_state: Any, *, beam_width: int, max_len
     )
 
 
-def _greedy_as_beam(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size, penalty) -> BeamSearchResult:
+def _greedy_as_beam(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size, penalty, bad_endings,
+                    block_trigrams) -> BeamSearchResult:
     """beam_width=1: greedy decoding packed as a `BeamSearchResult`.
 
     The alive/finished scheme with 2K candidates would, for K=1, keep the
     runner-up end token of an earlier step as a finished hypothesis and could
     return it instead of the arg-max path; K=1 is defined here as greedy.
     """
-    final = _greedy_loop(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size)
+    final = _greedy_loop(step_fn, initial_state, max_len, start_id, end_id, banned, vocab_size, bad_endings,
+                         block_trigrams)
     return BeamSearchResult(
         tokens=final.tokens[:, None, :],  # [batch, 1, time]
         scores=(final.log_probs / penalty(final.lengths))[:, None],  # [batch, 1]

@@ -13,7 +13,7 @@ becomes an entry of `errors`; the others are still captioned.
 from __future__ import annotations
 
 import glob as _glob
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import tensorflow as tf
 
@@ -21,8 +21,8 @@ from showtell_dist.data import pipeline
 from showtell_dist.data.images import load_image_as_jpeg
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.decoding.beam_search import check_decode_options
-from showtell_dist.evaluation.evaluator import build_beam_decoder, detokenize
-from showtell_dist.model.restore import TrainedModel
+from showtell_dist.evaluation.evaluator import build_beam_decoder, detokenize, members_of
+from showtell_dist.run.restore import TrainedModel
 
 
 def expand_paths(paths: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -43,10 +43,11 @@ def expand_paths(paths: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]
     return out, errors
 
 
-def caption_files(trained: TrainedModel, paths: Iterable[str], beam_width: int = 3, top_k: int = 1, *,
-                  length_normalization: str = "average", alpha: float = 0.6,
+def caption_files(trained: TrainedModel | Sequence[TrainedModel], paths: Iterable[str], beam_width: int = 3,
+                  top_k: int = 1, *, length_normalization: str = "average", alpha: float = 0.6,
+                  remove_bad_endings: bool = False, block_trigrams: bool = False,
                   batch_size: int = 16) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Captions every image of `paths` (files or glob patterns).
+    """Captions every image of `paths` (files or glob patterns) with a model or an ensemble (a list).
 
     Returns:
       results: [{"path", "caption", "score", "top_k": [(caption, score)] (at
@@ -54,7 +55,8 @@ def caption_files(trained: TrainedModel, paths: Iterable[str], beam_width: int =
       errors: [(path, message)] for patterns matching nothing and files that
         are not usable images; each message names the file and the fix.
     """
-    check_decode_options(beam_width, length_normalization, alpha)
+    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
+    members = members_of(trained)
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
@@ -62,9 +64,12 @@ def caption_files(trained: TrainedModel, paths: Iterable[str], beam_width: int =
         raise ConfigError(f"top_k={top_k} exceeds beam_width={beam_width}: beam search keeps only beam_width "
                           f"captions per image; raise --beam_width to at least {top_k}.")
     files, errors = expand_paths(paths)
-    size = trained.model.image_size
-    decoder = build_beam_decoder(trained, beam_width=beam_width, length_normalization=length_normalization,
-                                 alpha=alpha)
+    size = members[0].model.image_size
+    if any(m.model.image_size != size for m in members):
+        raise ConfigError(f"the ensemble's models see images of different sizes "
+                          f"({sorted({m.model.image_size for m in members})}); ensemble models of one image size.")
+    decoder = build_beam_decoder(members, beam_width=beam_width, length_normalization=length_normalization,
+                                 alpha=alpha, remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def decode(images):
@@ -85,6 +90,6 @@ def caption_files(trained: TrainedModel, paths: Iterable[str], beam_width: int =
     for start in range(0, len(images), batch_size):
         tokens, scores = decode(tf.stack(images[start:start + batch_size]))
         for path, d in zip(loaded[start:start + batch_size],
-                           detokenize(trained.tokenizer, tokens.numpy(), scores.numpy())):
+                           detokenize(members[0].tokenizer, tokens.numpy(), scores.numpy())):
             results.append({"path": path, "caption": d["caption"], "score": d["score"], "top_k": d["top_k"][:top_k]})
     return results, errors

@@ -10,8 +10,9 @@ images whose index is -1) with `strategy.distribute_datasets_from_function`. Eac
 of a compiled `tf.function` that, under `strategy.run`, encodes every image
 once and beam-searches all of them together (`beam_search` over
 `model.decode_step`, <unk> and <start> never generated). The per-replica
-results are brought to the host with `strategy.experimental_local_results`,
-padding rows dropped, each image's index mapped back to its image_id on the
+results are brought to the host with `strategy.experimental_local_results`
+(under a multi-worker strategy: all-gathered, so every worker holds the whole
+split's captions; see `SplitDecoder`), padding rows dropped, each image's index mapped back to its image_id on the
 host (`pipeline.eval_image_ids`), and token ids turned into words by the
 tokenizer.
 
@@ -27,8 +28,10 @@ output_dir (local or gs://):
   captions.json  COCO results format: [{"image_id": ..., "caption": ...}, ...]
   report.html    the scores, then the best and worst images by CIDEr-D
 
-Evaluation runs on one machine (default, one_device, mirrored or tpu
-strategies): with several workers each would only see its own share.
+Several checkpoints (one run's or several runs' with one vocabulary) decode
+as an ensemble: pass a list of TrainedModels (`run.restore.load_ensemble`).
+`SplitDecoder` builds the compiled decode function once and reuses it for
+every later split and checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import keras
 import tensorflow as tf
@@ -45,10 +48,13 @@ from tqdm import tqdm
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
-from showtell_dist.decoding.beam_search import BeamSearchResult, beam_search, check_decode_options
-from showtell_dist.distribute.strategy import require_single_host
+from showtell_dist.decoding.beam_search import (BeamSearchResult, bad_ending_ids_of, beam_search,
+                                                check_decode_options)
+from showtell_dist.decoding.ensemble import ensemble_step
+from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
-from showtell_dist.model.restore import TrainedModel
+from showtell_dist.features.compatibility import check_features_compatible
+from showtell_dist.run.restore import TrainedModel, check_same_vocabulary
 
 METRICS_FILE = "metrics.json"
 CAPTIONS_FILE = "captions.json"
@@ -100,26 +106,42 @@ def _global_batch_size(batch_size: int | None, replicas: int, num_images: int) -
 # ----------------------------------------------------------------------------
 
 
-def build_beam_decoder(trained: TrainedModel, *, beam_width: int = 3, length_normalization: str = "average",
-                       alpha: float = 0.6, from_features: bool = False) -> Callable[[tf.Tensor], BeamSearchResult]:
+def members_of(trained: TrainedModel | Sequence[TrainedModel]) -> list[TrainedModel]:
+    """A model, or the members of an ensemble (several checkpoints with one vocabulary), as a list."""
+    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
+    if not members:
+        raise ConfigError("no trained model given: pass a TrainedModel or a non-empty list of them.")
+    check_same_vocabulary(members)
+    return members
+
+
+def build_beam_decoder(trained: TrainedModel | Sequence[TrainedModel], *, beam_width: int = 3,
+                       length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
+                       block_trigrams: bool = False,
+                       from_features: bool = False) -> Callable[[tf.Tensor], BeamSearchResult]:
     """fn(images [batch, H, W, 3] 0..255) -> BeamSearchResult; plain TF, for use in a tf.function.
 
-    Each image is encoded once; its beams start from the LSTM state the
-    encoding gives. <unk> and <start> are never generated; captions have at
-    most tokenizer.max_len - 1 tokens after <start> (the <end> included).
-    With from_features the function takes the encoder's features [batch, dim]
+    Each image is encoded once by each member; the beams start from the LSTM
+    states the encodings give. An ensemble (several TrainedModels) averages
+    its members' log-probabilities at every step (decoding/ensemble.py).
+    <unk> and <start> are never generated; captions have at most
+    tokenizer.max_len - 1 tokens after <start> (the <end> included). With
+    from_features the function takes the encoder's features [batch, dim]
     (from a features cache) instead of images.
     """
-    check_decode_options(beam_width, length_normalization, alpha)
-    model, tokenizer = trained.model, trained.tokenizer
+    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
+    members = members_of(trained)
+    tokenizer = members[0].tokenizer
+    bad_endings = bad_ending_ids_of(tokenizer.words) if remove_bad_endings else ()
 
     def decode(inputs: tf.Tensor) -> BeamSearchResult:
-        features = inputs if from_features else model.encode(inputs, training=False)
-        state = model.initial_state(features)
-        return beam_search(model.decode_step, state, beam_width=beam_width, max_len=tokenizer.max_len - 1,
+        states = [m.model.initial_state(inputs if from_features else m.model.encode(inputs, training=False))
+                  for m in members]
+        step, state = ensemble_step([m.model.decode_step for m in members], states)
+        return beam_search(step, state, beam_width=beam_width, max_len=tokenizer.max_len - 1,
                            start_id=START_ID, end_id=END_ID, vocab_size=tokenizer.vocab_size,
                            forbidden_ids=(UNK_ID, START_ID), length_normalization=length_normalization,
-                           alpha=float(alpha))
+                           alpha=float(alpha), bad_ending_ids=bad_endings, block_trigrams=block_trigrams)
 
     return decode
 
@@ -147,98 +169,155 @@ def split_size(manifest: dict, split: str, records_dir: str, max_images: int | N
     return images if max_images is None else min(images, max_images)
 
 
-def decode_split(trained: TrainedModel, records_dir: str, split: str, strategy: tf.distribute.Strategy, *,
-                 beam_width: int = 3, max_images: int | None = None, batch_size: int | None = None,
-                 length_normalization: str = "average", alpha: float = 0.6, progress: bool = True) -> list[dict]:
+class SplitDecoder:
+    """Beam-search captions of prepared splits with one compiled function, built once.
+
+        decoder = SplitDecoder(trained, strategy, beam_width=3)
+        results, timing = decoder.decode(records_dir, "val")     # later calls reuse the traced function
+
+    Checkpoint selection keeps one for the whole run, so evaluating another
+    step's weights (the same variables) does not trace the beam search again.
+    Under a multi-worker strategy each worker decodes its share of the split
+    and every batch's token ids, scores and per-image indices (numbers only)
+    are all-gathered (`strategy.gather`), so every worker -- the chief writes
+    the results -- holds the captions of the whole split; the indices are
+    mapped to image ids on the host.
+    """
+
+    def __init__(self, trained: TrainedModel | Sequence[TrainedModel], strategy: tf.distribute.Strategy, *,
+                 beam_width: int = 3, length_normalization: str = "average", alpha: float = 0.6,
+                 remove_bad_endings: bool = False, block_trigrams: bool = False):
+        check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
+        self.members = members_of(trained)
+        for member in self.members:
+            _check_model_in_scope(member, strategy)
+        self.strategy = strategy
+        self.options = {"beam_width": beam_width, "length_normalization": length_normalization, "alpha": alpha,
+                        "remove_bad_endings": remove_bad_endings, "block_trigrams": block_trigrams}
+        self.workers = 1 if isinstance(strategy, tf.distribute.TPUStrategy) else num_workers(strategy)
+        self._functions: dict[bool, Callable] = {}  # from_features -> tf.function
+        self.traces = 0  # how often a decode function was traced (for tests)
+
+    def _function(self, from_features: bool):
+        if from_features not in self._functions:
+            replica_decode = build_beam_decoder(self.members, from_features=from_features, **self.options)
+            strategy = self.strategy
+
+            @tf.function
+            def decode_batch(inputs):
+                self.traces += 1  # Python: runs only while tracing
+
+                def replica_fn(x):
+                    result = replica_decode(x)
+                    return result.tokens, result.scores
+
+                return strategy.run(replica_fn, args=(inputs,))
+
+            self._functions[from_features] = decode_batch
+        return self._functions[from_features]
+
+    def _check_data(self, manifest: dict, records_dir: str) -> bool:
+        """True when records_dir is a features cache (that fits every member)."""
+        from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND
+        if from_features:
+            for member in self.members:
+                check_features_compatible(manifest, member.config.model, records_dir)
+                feature_cache.check_feature_dim(manifest, member.model, records_dir)
+        return from_features
+
+    def decode(self, records_dir: str, split: str, *, max_images: int | None = None,
+               batch_size: int | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+        """(results, timing): results as `decode_split` returns them; timing has decode_seconds,
+        first_batch_seconds and images_per_s (after the first batch, which may trace)."""
+        _check_positive("max_images", max_images, allow_none=True)
+        strategy, first = self.strategy, self.members[0]
+        manifest = load_manifest(records_dir)
+        from_features = self._check_data(manifest, records_dir)
+        image_sizes = {m.model.image_size for m in self.members}
+        if not from_features and len(image_sizes) > 1:
+            raise ConfigError(f"the ensemble's models see images of different sizes ({sorted(image_sizes)}); "
+                              "ensemble models of one image size.")
+        num_images = split_size(manifest, split, records_dir, max_images)
+        replicas = strategy.num_replicas_in_sync
+        spec = pipeline.PipelineSpec(
+            data_dir=records_dir.rstrip("/"), split=split, image_size=first.model.image_size,
+            captions_per_image=max(1, int(first.config.data.get("captions_per_image", 1))),
+            max_len=int(manifest["max_len"]),
+            global_batch_size=_global_batch_size(batch_size, replicas, num_images))
+        steps = pipeline.eval_steps(manifest, spec, self.workers, max_images)
+        dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images))
+        # {index: image_id} of every worker's share, read on the host: no strings on the device
+        image_ids = pipeline.eval_image_ids(manifest, spec, max_images, num_input_pipelines=self.workers)
+        decode_batch = self._function(from_features)
+        input_key = "features" if from_features else "images"  # a features cache: the encoder is skipped
+
+        results: list[dict] = []
+        start = time.perf_counter()
+        first_batch_end, first_batch_images = None, 0
+        bar = tqdm(total=num_images, desc=f"caption {split}", unit="img", disable=not progress,
+                   mininterval=1.0, dynamic_ncols=True)
+        iterator = iter(dataset)
+        try:
+            for _ in range(steps):
+                batch = next(iterator)
+                tokens, scores = decode_batch(batch[input_key])
+                if self.workers > 1:  # all-gather: every worker gets every worker's captions of this step
+                    parts = [(strategy.gather(batch["index"], axis=0), strategy.gather(tokens, axis=0),
+                              strategy.gather(scores, axis=0))]
+                else:
+                    parts = zip(strategy.experimental_local_results(batch["index"]),
+                                strategy.experimental_local_results(tokens),
+                                strategy.experimental_local_results(scores))
+                for indices, t, s in parts:
+                    indices = indices.numpy()
+                    real = [k for k, i in enumerate(indices) if i >= 0]  # padding rows have index -1
+                    if not real:
+                        continue
+                    decoded = detokenize(first.tokenizer, t.numpy()[real], s.numpy()[real])
+                    results.extend({"image_id": image_ids[int(indices[k])], **d} for k, d in zip(real, decoded))
+                    bar.update(len(real))
+                if first_batch_end is None:
+                    first_batch_end, first_batch_images = time.perf_counter(), len(results)
+        finally:
+            bar.close()
+        end = time.perf_counter()
+        later = len(results) - first_batch_images
+        timing = {"decode_seconds": end - start, "first_batch_seconds": first_batch_end - start,
+                  # steady-state throughput; the first batch also traces and compiles the function
+                  "images_per_s": (later / (end - first_batch_end) if later and end > first_batch_end
+                                   else len(results) / max(end - start, 1e-9))}
+        return results, timing
+
+
+def decode_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: str, split: str,
+                 strategy: tf.distribute.Strategy, *, beam_width: int = 3, max_images: int | None = None,
+                 batch_size: int | None = None, length_normalization: str = "average", alpha: float = 0.6,
+                 remove_bad_endings: bool = False, block_trigrams: bool = False,
+                 progress: bool = True) -> list[dict]:
     """Beam-search captions for every image of a split (or its first max_images), each exactly once.
 
     Args:
-      trained: from `load_trained_model(..., strategy=strategy)`.
+      trained: from `load_trained_model(..., strategy=strategy)`, or a list
+        of them (an ensemble with one vocabulary, `load_ensemble`).
       records_dir: prepared records (local or gs://) holding `split`, or a
         features cache made from them for this model's frozen encoder
-        (feature_cache.py): then the encoder is skipped.
-      strategy: the model's strategy; batches are split over its replicas.
+        (data/feature_cache.py): then the encoder is skipped.
+      strategy: the model's strategy; batches are split over its replicas
+        (and workers: see `SplitDecoder`).
       beam_width: K hypotheses kept per image (1 = greedy).
       max_images: caption only the first max_images images of the split.
       batch_size: global batch (a multiple of the replicas); default up to
         32 per replica, less when the split is smaller.
-      length_normalization, alpha: how hypotheses are ranked (see beam_search).
+      length_normalization, alpha, remove_bad_endings, block_trigrams: see beam_search.
       progress: show a tqdm bar with images/s.
 
     Returns:
       [{"image_id": str, "caption": str, "score": float,
-        "top_k": [(caption, score), ...]}] in the split's record order.
+        "top_k": [(caption, score), ...]}] in the order the batches were decoded.
     """
-    return _decode_split_timed(trained, records_dir, split, strategy, beam_width=beam_width, max_images=max_images,
-                               batch_size=batch_size, length_normalization=length_normalization, alpha=alpha,
-                               progress=progress)[0]
-
-
-def _decode_split_timed(trained, records_dir, split, strategy, *, beam_width, max_images, batch_size,
-                        length_normalization, alpha, progress) -> tuple[list[dict], dict]:
-    """decode_split, plus timing: total seconds, and images/s after the first batch (which traces)."""
-    check_decode_options(beam_width, length_normalization, alpha)
-    _check_positive("max_images", max_images, allow_none=True)
-    require_single_host(strategy, "evaluation")
-    _check_model_in_scope(trained, strategy)
-    manifest = load_manifest(records_dir)
-    from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND
-    if from_features:
-        feature_cache.check_features_compatible(manifest, trained.config.model, records_dir)
-        feature_cache.check_feature_dim(manifest, trained.model, records_dir)
-    num_images = split_size(manifest, split, records_dir, max_images)
-    replicas = strategy.num_replicas_in_sync
-    spec = pipeline.PipelineSpec(
-        data_dir=records_dir.rstrip("/"), split=split, image_size=trained.model.image_size,
-        captions_per_image=max(1, int(trained.config.data.get("captions_per_image", 1))),
-        max_len=int(manifest["max_len"]),
-        global_batch_size=_global_batch_size(batch_size, replicas, num_images))
-    steps = pipeline.eval_steps(manifest, spec, 1, max_images)
-    dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images))
-    image_ids = pipeline.eval_image_ids(manifest, spec, max_images)  # {index: image_id}; no strings on the device
-    replica_decode = build_beam_decoder(trained, beam_width=beam_width, length_normalization=length_normalization,
-                                        alpha=alpha, from_features=from_features)
-    input_key = "features" if from_features else "images"  # a features cache: the encoder is skipped
-
-    @tf.function
-    def decode_batch(inputs):
-        def replica_fn(x):
-            result = replica_decode(x)
-            return result.tokens, result.scores
-
-        return strategy.run(replica_fn, args=(inputs,))
-
-    results: list[dict] = []
-    start = time.perf_counter()
-    first_batch_end, first_batch_images = None, 0
-    bar = tqdm(total=num_images, desc=f"caption {split}", unit="img", disable=not progress,
-               mininterval=1.0, dynamic_ncols=True)
-    iterator = iter(dataset)
-    try:
-        for _ in range(steps):
-            batch = next(iterator)
-            tokens, scores = decode_batch(batch[input_key])
-            for indices, t, s in zip(strategy.experimental_local_results(batch["index"]),
-                                     strategy.experimental_local_results(tokens),
-                                     strategy.experimental_local_results(scores)):
-                indices = indices.numpy()
-                real = [k for k, i in enumerate(indices) if i >= 0]  # padding rows have index -1
-                if not real:
-                    continue
-                decoded = detokenize(trained.tokenizer, t.numpy()[real], s.numpy()[real])
-                results.extend({"image_id": image_ids[int(indices[k])], **d} for k, d in zip(real, decoded))
-                bar.update(len(real))
-            if first_batch_end is None:
-                first_batch_end, first_batch_images = time.perf_counter(), len(results)
-    finally:
-        bar.close()
-    end = time.perf_counter()
-    later = len(results) - first_batch_images
-    timing = {"decode_seconds": end - start, "first_batch_seconds": first_batch_end - start,
-              # steady-state throughput; the first batch also traces and compiles the function
-              "images_per_s": (later / (end - first_batch_end) if later and end > first_batch_end
-                               else len(results) / max(end - start, 1e-9))}
-    return results, timing
+    decoder = SplitDecoder(trained, strategy, beam_width=beam_width, length_normalization=length_normalization,
+                           alpha=alpha, remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
+    return decoder.decode(records_dir, split, max_images=max_images, batch_size=batch_size, progress=progress)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -313,14 +392,23 @@ def coco_results(results: list[dict]) -> list[dict]:
     return [{"image_id": r["image_id"], "caption": r["caption"]} for r in results]
 
 
-def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy: tf.distribute.Strategy,
-                   output_dir: str, *, beam_width: int = 3, max_images: int | None = None,
-                   batch_size: int | None = None, length_normalization: str = "average", alpha: float = 0.6,
-                   use_meteor: bool = True, report_images: int = 10, progress: bool = True) -> dict:
+def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: str, split: str,
+                   strategy: tf.distribute.Strategy, output_dir: str, *, beam_width: int = 3,
+                   max_images: int | None = None, batch_size: int | None = None,
+                   length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
+                   block_trigrams: bool = False, use_meteor: bool = True, report_images: int = 10,
+                   progress: bool = True, decoder: SplitDecoder | None = None,
+                   selection: dict | None = None) -> dict:
     """Captions a split, scores it and writes metrics.json, captions.json and report.html to output_dir.
 
+    `trained` may be an ensemble (a list of TrainedModels); `decoder` a SplitDecoder built before (its
+    options are then used). Under a multi-worker strategy every worker must call this; the chief writes the
+    files and returns the summary, the others return {}.
+    selection: the run's model_dir/best/selection.json, whose val history report.html draws as curves.
+
     Returns the metrics.json content: {"metrics": {name: score}, "split", "num_images", "beam_width",
-    "length_normalization", "alpha", "checkpoint", "step", "images_per_s" (after the first batch,
+    "length_normalization", "alpha", "remove_bad_endings", "block_trigrams", "checkpoint", "step" (lists for
+    an ensemble), "images_per_s" (after the first batch,
     which also compiles), "decode_seconds", "first_batch_seconds", "strategy", "replicas",
     "records_dir", "files": {name: path}}.
     """
@@ -330,10 +418,14 @@ def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy
     if isinstance(report_images, bool) or not isinstance(report_images, int) or report_images < 0:
         raise ConfigError(f"report_images must be an integer >= 0, got {report_images!r}.")
     coco_metrics.check_java()  # the PTB tokenizer needs it even without METEOR: fail before decoding
-    results, timing = _decode_split_timed(trained, records_dir, split, strategy, beam_width=beam_width,
-                                          max_images=max_images, batch_size=batch_size,
-                                          length_normalization=length_normalization, alpha=alpha,
-                                          progress=progress)
+    decoder = decoder or SplitDecoder(trained, strategy, beam_width=beam_width,
+                                      length_normalization=length_normalization, alpha=alpha,
+                                      remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
+    results, timing = decoder.decode(records_dir, split, max_images=max_images, batch_size=batch_size,
+                                     progress=progress)
+    members = decoder.members
+    if not is_chief(strategy):  # every worker decoded (collectively) and holds the captions; the chief writes
+        return {}
     refs = scan_records(records_dir, split, [r["image_id"] for r in results])
     references = {i: e["references"] for i, e in refs.items()}
     corpus, per_image = coco_metrics.score_captions({r["image_id"]: r["caption"] for r in results}, references,
@@ -348,8 +440,11 @@ def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy
         "beam_width": beam_width,
         "length_normalization": length_normalization,
         "alpha": alpha,
-        "checkpoint": trained.checkpoint_path,
-        "step": trained.step,
+        "remove_bad_endings": remove_bad_endings,
+        "block_trigrams": block_trigrams,
+        # an ensemble lists its members' checkpoints and steps
+        "checkpoint": members[0].checkpoint_path if len(members) == 1 else [m.checkpoint_path for m in members],
+        "step": members[0].step if len(members) == 1 else [m.step for m in members],
         **timing,
         "strategy": strategy_name(strategy),
         "replicas": strategy.num_replicas_in_sync,
@@ -365,6 +460,8 @@ def evaluate_split(trained: TrainedModel, records_dir: str, split: str, strategy
     jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
-        f.write(report.render_report(summary, best, worst, jpegs))
+        stats = report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
+                                          vocabulary=trained.tokenizer.words, split_words=trained.tokenizer.split_words)
+        f.write(report.render_report(summary, best, worst, jpegs, selection=selection, statistics=stats))
     _write_json(files[METRICS_FILE], summary)
     return summary

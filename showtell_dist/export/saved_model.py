@@ -36,8 +36,10 @@ import tempfile
 import tensorflow as tf
 
 from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import beam_search, check_decode_options
+from showtell_dist.decoding.beam_search import bad_ending_ids_of, beam_search, check_decode_options
+from showtell_dist.decoding.ensemble import ensemble_step
 from showtell_dist.errors import ConfigError
+from showtell_dist.run.restore import TrainedModel, check_same_vocabulary
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "images"
@@ -72,9 +74,12 @@ class CaptionModule(tf.Module):
     """The exported object: the model's variables, the vocabulary and the serving function."""
 
     def __init__(self, model, words: list[str], *, beam_width: int, max_len: int, length_normalization: str,
-                 alpha: float = 0.6):
+                 alpha: float = 0.6, ensemble=(), bad_ending_ids=(), block_trigrams: bool = False):
         super().__init__(name="captioner")
         self.model = model
+        self.ensemble = list(ensemble)  # further models whose log-probs are averaged with model's at every step
+        self.bad_ending_ids = tuple(bad_ending_ids)
+        self.block_trigrams = bool(block_trigrams)
         self.image_size = int(model.image_size)
         self.vocab_size = len(words)
         self.beam_width = beam_width
@@ -100,11 +105,13 @@ class CaptionModule(tf.Module):
 
     def caption_pixels(self, pixels: tf.Tensor):
         """[n, size, size, 3] float 0..255 -> BeamSearchResult (the same search the signature runs)."""
-        state = self.model.initial_state(self.model.encode(pixels, training=False), training=False)
-        return beam_search(self.model.decode_step, state, beam_width=self.beam_width, max_len=self.max_len,
+        models = [self.model, *self.ensemble]  # each encoder runs once per image
+        states = [m.initial_state(m.encode(pixels, training=False), training=False) for m in models]
+        step, state = ensemble_step([m.decode_step for m in models], states)
+        return beam_search(step, state, beam_width=self.beam_width, max_len=self.max_len,
                            start_id=START_ID, end_id=END_ID, vocab_size=self.vocab_size,
                            forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization,
-                           alpha=self.alpha)
+                           alpha=self.alpha, bad_ending_ids=self.bad_ending_ids, block_trigrams=self.block_trigrams)
 
 
 def _check_positive(name: str, value) -> int:
@@ -114,41 +121,53 @@ def _check_positive(name: str, value) -> int:
 
 
 def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = None,
-                         length_normalization: str = "average", alpha: float = 0.6) -> CaptionModule:
-    """The module `export_saved_model` saves (also usable in-process)."""
-    tokenizer = trained.tokenizer
-    check_decode_options(beam_width, length_normalization, alpha)
+                         length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
+                         block_trigrams: bool = False) -> CaptionModule:
+    """The module `export_saved_model` saves (also usable in-process); `trained` may be a list (an ensemble)."""
+    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
+    check_same_vocabulary(members)
+    trained, tokenizer = members[0], members[0].tokenizer
+    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
+    if len({int(m.model.image_size) for m in members}) > 1:
+        raise ConfigError("the ensemble's models see images of different sizes; ensemble models of one image size.")
     if max_len is None:
         max_len = tokenizer.max_len - 1  # generated tokens: the words and <end>, not <start>
     max_len = _check_positive("max_len", max_len)
-    vocab_size = int(trained.model.logits.units)
-    if vocab_size != tokenizer.vocab_size:
+    vocab_size = max(int(m.model.logits.units) for m in members)
+    if any(int(m.model.logits.units) != tokenizer.vocab_size for m in members):
         raise ConfigError(f"the model has {vocab_size} output classes but its vocabulary has "
                           f"{tokenizer.vocab_size} words: the model_dir's vocab.json does not belong to its "
                           "checkpoint; restore both from the same training run.")
     return CaptionModule(trained.model, list(tokenizer.words), beam_width=beam_width, max_len=max_len,
-                         length_normalization=length_normalization, alpha=alpha)
+                         length_normalization=length_normalization, alpha=alpha,
+                         ensemble=[m.model for m in members[1:]],
+                         bad_ending_ids=bad_ending_ids_of(tokenizer.words) if remove_bad_endings else (),
+                         block_trigrams=block_trigrams)
 
 
 def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len: int | None = None,
-                       length_normalization: str = "average", alpha: float = 0.6) -> None:
-    """Writes a SavedModel of `trained` (a `TrainedModel`) to `export_dir` (local or gs://).
+                       length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
+                       block_trigrams: bool = False) -> None:
+    """Writes a SavedModel of `trained` (a `TrainedModel`, or a list of them: an ensemble) to `export_dir`.
 
     Signature "serving_default": images tf.string [None] (encoded JPEG/PNG
     bytes) -> captions tf.string [None, beam_width] (best first) and scores
     float32 [None, beam_width] (descending).
 
     Args:
-      trained: from `showtell_dist.model.restore.load_trained_model`.
+      trained: from `showtell_dist.run.restore.load_trained_model`.
       export_dir: output directory; an existing SavedModel there is overwritten.
       beam_width: captions per image.
       max_len: maximum generated tokens incl. the end token; default the
         tokenizer's max_len - 1 (the longest training caption).
       length_normalization, alpha: "average", "gnmt" (with exponent alpha) or
         "none" (see beam_search).
+      remove_bad_endings, block_trigrams: see beam_search (baked into the graph).
     """
     module = build_caption_module(trained, beam_width=beam_width, max_len=max_len,
-                                  length_normalization=length_normalization, alpha=alpha)
+                                  length_normalization=length_normalization, alpha=alpha,
+                                  remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
+    trained = trained if isinstance(trained, TrainedModel) else list(trained)[0]  # its vocabulary is saved
     with tempfile.TemporaryDirectory() as tmp:
         vocab_path = os.path.join(tmp, "vocab.json")
         trained.tokenizer.save(vocab_path)

@@ -27,6 +27,7 @@ OPERATIONAL_KEYS = frozenset({
     "train.eval_max_images", "train.summary_images", "train.jit_compile", "train.log_every", "demo.num_examples",
     # How validation captions are decoded and which checkpoint is kept: not what is trained.
     "eval.beam_width", "eval.length_normalization", "eval.alpha", "eval.select_metric",
+    "eval.remove_bad_endings", "eval.block_trigrams",
 })
 
 

@@ -33,10 +33,12 @@ from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, 
                                                 resolve_use_cudnn)
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
+from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.training.checkpoint_selection import CheckpointSelector, best_checkpoint
+from showtell_dist.run.run_dir import best_checkpoint
+from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
@@ -65,7 +67,9 @@ def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None
         data_dir=feature_cache.data_dir_of(config), split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
-        shuffle_buffer=config.data.shuffle_buffer)
+        shuffle_buffer=config.data.shuffle_buffer,
+        caption_buckets=pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0)),
+        deterministic=config.data.get("deterministic_input", True))
 
 
 def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model, run_state: RunState,
@@ -119,7 +123,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # Image records, or the encoder's features cached from them (config.data.features_dir).
     data_dir = feature_cache.data_dir_of(config)
     manifest = load_manifest(data_dir)
-    feature_cache.check_features_compatible(manifest, config.model, data_dir)
+    check_features_compatible(manifest, config.model, data_dir)
     # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
     validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
@@ -195,11 +199,23 @@ def _restore(exp: Experiment, phases: list[Phase], prefix: str, strategy, log) -
         exp.checkpoint.restore(prefix).assert_existing_objects_matched()
 
 
-def _checkpoint_dir(model_dir: str, strategy) -> str:
+def _checkpoint_dir(model_dir: str) -> str:
+    """The chief's checkpoints: what every worker restores from."""
+    return f"{model_dir}/checkpoints"
+
+
+def _save_dir(model_dir: str, strategy) -> str | None:
+    """None on the chief (it saves into _checkpoint_dir); on other workers a scratch dir: they must
+    save too (the save is collective), and delete their copy right after (_save)."""
     if is_chief(strategy):
-        return f"{model_dir}/checkpoints"
-    # Other workers must save too (the save is collective) but into a scratch dir.
+        return None
     return f"{model_dir}/checkpoints_worker_{strategy.cluster_resolver.task_id}"
+
+
+def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | None) -> None:
+    manager.save(checkpoint_number=step)
+    if scratch_dir and tf.io.gfile.exists(scratch_dir):
+        tf.io.gfile.rmtree(scratch_dir)
 
 
 def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
@@ -220,14 +236,15 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     chief = is_chief(strategy)
     exp = build_experiment(config, strategy)
     prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
-    manager = tf.train.CheckpointManager(exp.checkpoint, _checkpoint_dir(model_dir, strategy),
+    scratch_dir = _save_dir(model_dir, strategy)
+    manager = tf.train.CheckpointManager(exp.checkpoint, scratch_dir or _checkpoint_dir(model_dir),
                                          max_to_keep=config.train.keep_checkpoints)
     selector = CheckpointSelector(exp, strategy, model_dir, log=log)  # checks Java etc. before step 1
     phases = phases_of(config)
-    if manager.latest_checkpoint:
-        _restore(exp, phases, manager.latest_checkpoint, strategy, log)
-        log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()} "
-            f"({exp.phase.name} phase)")
+    latest = tf.train.latest_checkpoint(_checkpoint_dir(model_dir))  # every worker resumes from the chief's
+    if latest:
+        _restore(exp, phases, latest, strategy, log)
+        log(f"resumed from {latest} at step {exp.trainer.current_step()} ({exp.phase.name} phase)")
     elif config.get("init_checkpoint", ""):
         load_init_checkpoint(exp, config.init_checkpoint, log)
     start = exp.trainer.current_step()
@@ -249,7 +266,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     step = start
     end = min(total, stop_at_step) if stop_at_step else total
     iterator = None
-    with PreemptionWatcher() as preemption:
+    with PreemptionWatcher(strategy) as preemption:
         while step < end:
             if iterator is None or step == exp.phase.end:
                 # A phase starts (or resumes): its trainer, and its input stream where it left off.
@@ -285,12 +302,14 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
                 postfix["reward"] = f"{m['reward']:.3f}"
             bar.set_postfix(**postfix)
             at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
+            preempted = preemption.stop_requested()  # on every worker alike: any worker's SIGTERM stops all
             at_phase_end = step == exp.phase.end
-            if at_checkpoint or at_phase_end or step == end or preemption.requested:
-                manager.save(checkpoint_number=step)
-            if preemption.requested:
+            if at_checkpoint or at_phase_end or step == end or preempted:
+                _save(manager, step, scratch_dir)
+            if preempted:
                 bar.close()
-                log(f"SIGTERM: saved a checkpoint at step {step} in {model_dir}; stopping.")
+                who = "" if preemption.requested else " (on another worker)"
+                log(f"SIGTERM{who}: saved a checkpoint at step {step} in {model_dir}; stopping.")
                 metrics["preempted"] = True
                 return metrics, exp
             at_eval = config.train.eval_every and step % config.train.eval_every == 0

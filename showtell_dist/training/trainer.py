@@ -34,8 +34,7 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def _flatten_captions(captions: tf.Tensor):
     """[batch, captions, time] -> inputs, targets [batch * captions, time - 1]."""
-    time = captions.shape[-1]
-    rows = tf.reshape(captions, [-1, time])
+    rows = tf.reshape(captions, [-1, tf.shape(captions)[-1]])  # time: a caption bucket's length
     return rows[:, :-1], rows[:, 1:]
 
 

@@ -20,13 +20,7 @@ import contextlib
 import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
-
-
-def make_average_variables(variables, *, trainable=False) -> list:
-    """Non-trainable copies of `variables` (same order and shapes), created in the current scope."""
-    return [tf.Variable(tf.convert_to_tensor(v), trainable=trainable, name=f"average_{i}",
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            for i, v in enumerate(variables)]
+from showtell_dist.run.restore import make_average_variables
 
 
 class WeightAverage:

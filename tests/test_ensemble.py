@@ -1,0 +1,142 @@
+"""Ensembles: several checkpoints decode together, their log-probabilities averaged at every step."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
+from showtell_dist.errors import ConfigError
+from showtell_dist.evaluation.captioner import caption_files
+from showtell_dist.evaluation.evaluator import SplitDecoder, build_beam_decoder, decode_split
+from showtell_dist.export.saved_model import build_caption_module
+from showtell_dist.run.restore import ensemble_members, load_ensemble, load_trained_model
+
+SPLIT = "test"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_trained_dir):
+    return load_trained_model(tiny_trained_dir)
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_trained_dir):
+    """The same run's model with every weight moved by seeded noise: a second, different member."""
+    other = load_trained_model(tiny_trained_dir)
+    rng = np.random.default_rng(7)
+    for v in other.model.trainable_variables:
+        v.assign(v.numpy() + rng.normal(0.0, 0.3, size=tuple(v.shape)).astype(v.dtype))
+    return other
+
+
+def _images(n=4, size=32, seed=3):
+    return tf.constant(np.random.default_rng(seed).uniform(0, 255, size=(n, size, size, 3)).astype("float32"))
+
+
+def test_an_ensemble_of_one_is_that_checkpoint(trained, tiny_dataset):
+    records_dir, _ = tiny_dataset
+    strategy = tf.distribute.get_strategy()
+    alone = decode_split(trained, records_dir, SPLIT, strategy, beam_width=3, progress=False)
+    ensemble = decode_split([trained], records_dir, SPLIT, strategy, beam_width=3, progress=False)
+    assert ensemble == alone  # captions, scores and top-k, exactly
+
+
+def _numpy_greedy(members, images, max_len):
+    """Reference: eager steps, each member's log-softmax in numpy, averaged by hand, arg-max."""
+    states = [m.model.initial_state(m.model.encode(images, training=False)) for m in members]
+    last = np.full([images.shape[0]], START_ID, np.int32)
+    out = np.zeros([images.shape[0], max_len], np.int32)
+    done = np.zeros([images.shape[0]], bool)
+    for t in range(max_len):
+        total = 0.0
+        for k, m in enumerate(members):
+            logits, states[k] = m.model.decode_step(tf.constant(last), states[k])
+            logits = np.asarray(logits, np.float64)
+            total = total + (logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+                             - logits.max(1, keepdims=True))
+        average = total / len(members)
+        average[:, [PAD_ID, UNK_ID, START_ID]] = -np.inf
+        last = average.argmax(1).astype(np.int32)
+        out[:, t] = np.where(done, PAD_ID, last)
+        done |= last == END_ID
+    return out
+
+
+def test_an_ensemble_of_two_equals_a_hand_averaged_reference(trained, perturbed):
+    images = _images()
+    max_len = trained.tokenizer.max_len - 1
+    greedy = build_beam_decoder([trained, perturbed], beam_width=1)(images)
+    np.testing.assert_array_equal(greedy.tokens[:, 0].numpy(), _numpy_greedy([trained, perturbed], images, max_len))
+    # The members alone caption differently: the average is not one of them.
+    alone = [build_beam_decoder(m, beam_width=3)(images) for m in (trained, perturbed)]
+    both = build_beam_decoder([trained, perturbed], beam_width=3)(images)
+    assert not any(np.allclose(a.scores.numpy(), both.scores.numpy()) for a in alone)
+
+    # Beam search over a step written out by hand: average of the two log-softmaxes.
+    from showtell_dist.decoding.beam_search import beam_search
+
+    def step(tokens, states):
+        (l1, s1), (l2, s2) = trained.model.decode_step(tokens, states[0]), perturbed.model.decode_step(tokens,
+                                                                                                        states[1])
+        return 0.5 * (tf.nn.log_softmax(l1) + tf.nn.log_softmax(l2)), (s1, s2)
+
+    state = tuple(m.model.initial_state(m.model.encode(images, training=False)) for m in (trained, perturbed))
+    reference = beam_search(step, state, beam_width=3, max_len=max_len, start_id=START_ID, end_id=END_ID,
+                            vocab_size=trained.tokenizer.vocab_size, forbidden_ids=(UNK_ID, START_ID))
+    np.testing.assert_array_equal(both.tokens.numpy(), reference.tokens.numpy())
+    np.testing.assert_allclose(both.scores.numpy(), reference.scores.numpy(), atol=1e-5)
+
+
+def test_export_and_caption_files_decode_the_ensemble(trained, perturbed, tmp_path):
+    images = _images(n=2)
+    module = build_caption_module([trained, perturbed], beam_width=2, remove_bad_endings=True, block_trigrams=True)
+    exported = module.caption_pixels(images)
+    evaluated = build_beam_decoder([trained, perturbed], beam_width=2, remove_bad_endings=True,
+                                   block_trigrams=True)(images)
+    np.testing.assert_array_equal(exported.tokens.numpy(), evaluated.tokens.numpy())
+    from PIL import Image
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.zeros([40, 40, 3], np.uint8)).save(path)
+    one, _ = caption_files([trained], [path], beam_width=2)
+    alone, _ = caption_files(trained, [path], beam_width=2)
+    assert one == alone
+
+
+def test_a_split_decoder_traces_once(trained, perturbed, tiny_dataset):
+    records_dir, _ = tiny_dataset
+    decoder = SplitDecoder([trained, perturbed], tf.distribute.get_strategy(), beam_width=2)
+    first, _ = decoder.decode(records_dir, SPLIT, batch_size=4, progress=False)
+    before = [v.numpy() for v in perturbed.model.trainable_variables]
+    for v in perturbed.model.trainable_variables:
+        v.assign(v * 1.5)  # other weights, the same variables: as checkpoint selection sees them
+    try:
+        second, _ = decoder.decode(records_dir, SPLIT, batch_size=4, progress=False)
+        third, _ = decoder.decode(records_dir, "val", batch_size=4, progress=False)
+    finally:
+        for v, value in zip(perturbed.model.trainable_variables, before):
+            v.assign(value)
+    assert decoder.traces == 1
+    assert len(first) == len(second) == 8 and len(third) == 12
+    assert [r["score"] for r in first] != [r["score"] for r in second]
+
+
+def test_members_and_vocabularies(tiny_trained_dir, tmp_path):
+    assert ensemble_members(["a"], ["x", "y"]) == [("a", "x"), ("a", "y")]
+    assert ensemble_members(["a", "b"], []) == [("a", None), ("b", None)]
+    assert ensemble_members(["a", "b"], ["best"]) == [("a", "best"), ("b", "best")]
+    assert ensemble_members(["a", "b"], ["x", "y"]) == [("a", "x"), ("b", "y")]
+    with pytest.raises(ConfigError, match="one checkpoint for every model directory"):
+        ensemble_members(["a", "b", "c"], ["x", "y"])
+    other = str(tmp_path / "other_run")
+    shutil.copytree(tiny_trained_dir, other)
+    vocab_path = os.path.join(other, "vocab.json")
+    vocab = json.load(open(vocab_path))
+    vocab["words"][-1] = "zebra-that-is-not-there"
+    json.dump(vocab, open(vocab_path, "w"))
+    with pytest.raises(ConfigError, match="one vocabulary"):
+        load_ensemble([(tiny_trained_dir, None), (other, None)])
