@@ -460,7 +460,7 @@ def scst_section(args) -> dict:
     model.logits.bias.assign(bias)
     run_state = RunState.create(strategy, model, 0.0)
     xe = Trainer(strategy, model, config.train, jit_compile=False, run_state=run_state)
-    sc = SelfCriticalTrainer(strategy, model, section, cider_d_reward(df), run_state=run_state)
+    sc = SelfCriticalTrainer(strategy, model, section, cider_d_reward(df, args.max_len), run_state=run_state)
     it_xe = cycled({"features": features, "captions": captions})
     it_sc = cycled({"features": features, "captions": captions})
     fns = {"xe": lambda: xe.train_loop(it_xe, 1), "scst": lambda: sc.train_loop(it_sc, 1)}
