@@ -157,6 +157,21 @@ FIELDS: dict[str, Field] = {
     "eval.select_metric": Choice(SELECT_METRIC_CHOICES),
     # demo
     "demo.num_examples": Int(min=0),
+    # phases of a run (training/phases.py) and the self-critical phase (configs/scst.py)
+    "phases": Str(nonempty=True, what="comma-separated phases, e.g. 'xe,scst'"),
+    "init_checkpoint": Str(),
+    "scst.steps": Int(min=1),
+    "scst.global_batch_size": Int(min=1),
+    "scst.samples_per_image": Int(min=1),
+    "scst.baseline": Choice(("mean", "greedy")),
+    "scst.max_len": Int(min=1),
+    "scst.temperature": Float(min=0, min_open=True),
+    "scst.dropout": Bool(),
+    "scst.xe_weight": Float(min=0),
+    "scst.learning_rate": Float(min=0),
+    "scst.warmup_steps": Int(min=0),
+    "scst.final_lr_ratio": Float(min=0, max=1),
+    "scst.clip_norm": Float(min=0),
 }
 
 
