@@ -157,9 +157,7 @@ FIELDS: dict[str, Field] = {
     "eval.select_metric": Choice(SELECT_METRIC_CHOICES),
     # demo
     "demo.num_examples": Int(min=0),
-    # phases of a run (training/phases.py) and the self-critical phase (configs/scst.py)
-    "phases": Str(nonempty=True, what="comma-separated phases, e.g. 'xe,scst'"),
-    "init_checkpoint": Str(),
+    # the self-critical phase (configs/scst.py; config.phases is checked by training/phases.py)
     "scst.steps": Int(min=1),
     "scst.global_batch_size": Int(min=1),
     "scst.samples_per_image": Int(min=1),
