@@ -1,7 +1,9 @@
-"""The phases of a run: cross-entropy, then optionally self-critical training, in one step counter.
+"""The phases of a run: cross-entropy, then optionally encoder fine-tuning and self-critical training,
+in one step counter.
 
-    config.phases = "xe,scst"     # default "xe": config.train alone
+    config.phases = "xe,finetune,scst"   # default "xe": config.train alone
     config.train                  # the xe phase: steps, learning-rate schedule, batch
+    config.finetune               # the finetune phase (configs/finetune.py): the encoder trains too, from images
     config.scst                   # the scst phase (configs/scst.py): its own steps, schedule, batch, knobs
 
 Each phase's `steps` are its own; the global step counts on across phases, so
@@ -11,6 +13,9 @@ from the phase's step 0) and its own input stream. A checkpoint saved at a
 phase's last step is where the next phase starts: resuming from it restores the
 weights (and step, weight average, dropout RNG) but not the finished phase's
 optimizer.
+
+Which data a phase reads: feature_cache.data_dir_for(config, phase.name) (the features cache, if
+configured, until a finetune phase begins; the image records from then on).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import dataclasses
 from showtell_dist.errors import ConfigError
 
 # phase name -> its config section
-SECTIONS = {"xe": "train", "scst": "scst"}
+SECTIONS = {"xe": "train", "finetune": "finetune", "scst": "scst"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +56,7 @@ def phases_of(config) -> list[Phase]:
         section = config.get(SECTIONS[name], None)
         if section is None:
             raise ConfigError(f"config.phases={spec!r} has a {name} phase but the config has no "
-                              f"`{SECTIONS[name]}` section; add one (e.g. configs/scst.py: c.scst = scst.section()).")
+                              f"`{SECTIONS[name]}` section; add one (e.g. configs/{name}.py: c.{name} = {name}.section()).")
         steps = int(section.steps)
         if steps < 1:
             raise ConfigError(f"{SECTIONS[name]}.steps={steps}: a phase needs at least one step.")

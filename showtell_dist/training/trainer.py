@@ -66,10 +66,11 @@ class Trainer:
 
     def __init__(self, strategy: tf.distribute.Strategy, model, train_config, *,
                  mixed_precision: str | None = None, jit_compile: bool = False, run_state: RunState | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, rate_factors: list | None = None):
         """train_config: a phase's config section (learning_rate, warmup_steps, steps, final_lr_ratio,
         clip_norm). run_state: the run's step and weight average, shared across phases; by default
-        a new one with train_config.weight_average_decay. seed: of dropout (default train_config.seed)."""
+        a new one with train_config.weight_average_decay. seed: of dropout (default train_config.seed).
+        rate_factors: [(variable, factor)]: those variables learn at factor x the learning rate."""
         self.strategy = strategy
         self.model = model
         self.clip_norm = float(train_config.clip_norm)
@@ -78,7 +79,7 @@ class Trainer:
         run_state = run_state or RunState.create(strategy, model, train_config.get("weight_average_decay", 0.0))
         self.step, self.weight_average = run_state.step, run_state.weight_average
         with strategy.scope():
-            self.optimizer = build_optimizer(train_config, mixed_precision)
+            self.optimizer = build_optimizer(train_config, mixed_precision, rate_factors)
             # Built here, in scope, so that its slots are mirrored like the model's variables.
             self.optimizer.build(self.trainable_variables)
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -115,6 +116,10 @@ class Trainer:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         return dropout_seed(self.seed, self.step.read_value(), replica)
 
+    def replica_features(self, batch) -> tf.Tensor:
+        """The train step's encoder features of a batch (cached, or the encoder's in its training mode)."""
+        return self.model.batch_features(batch, training=True)
+
     def _loss_sum(self, state, inputs, targets, training: bool = False, seed=None) -> tf.Tensor:
         """Summed cross-entropy over the real target tokens of [rows, time] inputs/targets."""
         if not self._real_positions_only:
@@ -133,7 +138,7 @@ class Trainer:
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
         seed = self.replica_dropout_seed()
         with tf.GradientTape() as tape:
-            features = self.model.batch_features(batch, training=True)
+            features = self.replica_features(batch)
             state = self.model.initial_state(features, training=True, repeats=captions.shape[1], dropout_seed=seed)
             loss_sum = tf.cast(self._loss_sum(state, inputs, targets, training=True, seed=seed), tf.float32)
             loss = loss_sum / global_tokens
@@ -200,3 +205,49 @@ class Trainer:
         loss_sum, tokens = self._eval_loop(iterator, tf.constant(num_steps, tf.int32))
         loss = float(loss_sum) / max(float(tokens), 1.0)
         return {"loss": loss, "perplexity": float(tf.exp(loss)), "tokens": float(tokens)}
+
+
+def encoder_variables(model) -> list:
+    """The encoder's weights that training may change (not its BatchNorm moving statistics), also
+    when the model was built with a frozen encoder (model.encoder.trainable False)."""
+    frozen = not model.encoder.trainable
+    model.encoder.trainable = True
+    try:
+        return list(model.encoder.trainable_variables)
+    finally:
+        if frozen:
+            model.encoder.trainable = False
+
+
+class FineTuneTrainer(Trainer):
+    """Cross-entropy from images with the encoder trained too (the finetune phase, configs/finetune.py).
+
+    The encoder's weights learn at finetune.encoder_learning_rate, the rest at finetune.learning_rate
+    (one Adam, a per-variable factor on its rate: optimizer.PerVariableRateAdam). The encoder runs in
+    inference mode (training=False): its BatchNorm layers normalise with, and keep, their moving
+    statistics, while their scale and offset train with the other weights -- batch statistics of a
+    small batch would drift far from the ImageNet ones the weights were trained with. The model's
+    encoder stays `trainable=False` when it was built so (a features-cache run): the trainer lists the
+    encoder's variables itself, so the model's variables, its trainable_variables (which the moving
+    average of the weights covers) and the checkpoint layout are those of the other phases.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model, section, **kwargs):
+        self._encoder_variables = encoder_variables(model)
+        encoder_ids = {id(v) for v in self._encoder_variables}
+        self._decoder_variables = [v for v in model.trainable_variables if id(v) not in encoder_ids]
+        lr, encoder_lr = float(section.learning_rate), float(section.encoder_learning_rate)
+        # The encoder's rate follows the schedule's shape (warm-up, cosine decay) at its own peak.
+        factor = encoder_lr / lr
+        super().__init__(strategy, model, section,
+                         rate_factors=[(v, factor) for v in self._encoder_variables], **kwargs)
+
+    @property
+    def trainable_variables(self) -> list:
+        return self._decoder_variables + self._encoder_variables
+
+    def replica_features(self, batch) -> tf.Tensor:
+        if "features" in batch:
+            raise ValueError("the finetune phase trains the encoder: its input must be images, not cached features "
+                             "(feature_cache.data_dir_for gives the records).")
+        return self.model.encoder(tf.cast(batch["images"], tf.float32), training=False)  # BatchNorm frozen
