@@ -20,7 +20,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split of the prepared records to 
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Caption only the first N images of the split.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records, or a features cache made from them for "
                                    "the run's frozen encoder. Default: the run's data.features_dir when that "
-                                   "cache exists, else its data.records_dir.")
+                                   "cache exists and the run did not fine-tune its encoder, else its "
+                                   "data.records_dir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split> "
                                   "(eval_<split>_ensemble for several checkpoints, in the first model_dir).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global decode batch (multiple of the replicas). "
@@ -36,9 +37,11 @@ cli.define_decode_flags()
 def _default_data_dir(config) -> str:
     import tensorflow as tf
 
-    features_dir = config.data.get("features_dir", "")
-    if features_dir and tf.io.gfile.exists(f"{features_dir.rstrip('/')}/manifest.json"):
-        return features_dir  # the encoder's features, cached: decoding skips the encoder
+    from showtell_dist.data import feature_cache
+
+    data_dir = feature_cache.data_dir_for(config)  # the records once the run has fine-tuned its encoder
+    if data_dir != config.data.records_dir and tf.io.gfile.exists(f"{data_dir.rstrip('/')}/manifest.json"):
+        return data_dir  # the encoder's features, cached: decoding skips the encoder
     return config.data.records_dir
 
 

@@ -38,7 +38,7 @@ FEATURE_NORM_CHOICES = ("batch", "layer", "none")
 MIXED_PRECISION_CHOICES = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
 LENGTH_NORMALIZATION_CHOICES = ("none", "average", "gnmt")
 SELECT_METRIC_CHOICES = ("", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
-PHASE_SECTIONS = {"xe": "train", "scst": "scst"}
+PHASE_SECTIONS = {"xe": "train", "finetune": "finetune", "scst": "scst"}
 SCST_BASELINE_CHOICES = ("mean", "greedy")
 
 
@@ -169,6 +169,14 @@ FIELDS: dict[str, Field] = {
     # phases and the self-critical phase (configs/scst.py)
     "phases": Field(str, "a comma-separated list of " + ", ".join(repr(p) for p in PHASE_SECTIONS) + ", e.g. 'xe,scst'",
                     lambda v: all(p.strip() in PHASE_SECTIONS for p in v.split(","))),
+    # the encoder fine-tuning phase (configs/finetune.py)
+    "finetune.steps": Int(min=1),
+    "finetune.global_batch_size": Int(min=1),
+    "finetune.learning_rate": Float(min=0, min_open=True),
+    "finetune.encoder_learning_rate": Float(min=0),
+    "finetune.warmup_steps": Int(min=0),
+    "finetune.final_lr_ratio": Float(min=0, max=1),
+    "finetune.clip_norm": Float(min=0),
     "scst.steps": Int(min=1),
     "scst.global_batch_size": Int(min=1),
     "scst.samples_per_image": Int(min=1),
@@ -206,7 +214,7 @@ def _phases_have_sections(config: Mapping) -> list[str]:
     if not isinstance(spec, str) or FIELDS["phases"].problem(spec):
         return []
     return [f"phases = {spec!r}: the {name} phase needs a `{PHASE_SECTIONS[name]}` section, which the config lacks"
-            + (" (add one: c.scst = configs.scst.section())" if name == "scst" else "")
+            + (f" (add one: c.{name} = configs.{name}.section())" if name in ("scst", "finetune") else "")
             for name in dict.fromkeys(p.strip() for p in spec.split(","))
             if not isinstance(config.get(PHASE_SECTIONS[name]), Mapping)]
 

@@ -90,14 +90,14 @@ def test_every_problem_is_listed_in_one_config_error():
 
 def test_fields_without_a_rule_take_the_type_of_the_reference_default():
     reference = demo.get_config()
-    reference.finetune = ml_collections.ConfigDict({"steps": 100, "learning_rate": 1e-3, "name": "x"})
+    reference.distill = ml_collections.ConfigDict({"steps": 100, "learning_rate": 1e-3, "name": "x"})
     reference.init_checkpoint = ""
     config = reference.to_dict()
     assert config_problems(config, reference) == []
-    config["finetune"] = {"steps": "many", "learning_rate": 1, "name": "y"}  # an int passes for a float
+    config["distill"] = {"steps": "many", "learning_rate": 1, "name": "y"}  # an int passes for a float
     config["init_checkpoint"] = 5
     assert config_problems(config, reference) == [
-        "finetune.steps = 'many': must be an integer, like its default 100",
+        "distill.steps = 'many': must be an integer, like its default 100",
         "init_checkpoint = 5: must be a string, like its default ''"]
     assert config_problems(config) == []  # no reference: only the registered rules
 
@@ -115,7 +115,7 @@ def test_phases_and_the_self_critical_section():
     config["phases"] = "xe,rl"
     config["scst"].update(samples_per_image=1, temperature=0.0, baseline="max")
     assert config_problems(config) == [
-        "phases = 'xe,rl': must be a comma-separated list of 'xe', 'scst', e.g. 'xe,scst'",
+        "phases = 'xe,rl': must be a comma-separated list of 'xe', 'finetune', 'scst', e.g. 'xe,scst'",
         "scst.baseline = 'max': must be one of 'mean', 'greedy'",
         "scst.temperature = 0.0: must be a number > 0"]
     config["phases"], config["scst"]["baseline"], config["scst"]["temperature"] = "xe,scst", "mean", 1.0

@@ -26,7 +26,7 @@ import re
 
 import tensorflow as tf
 
-from showtell_dist.data import feature_cache, pipeline, records
+from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search, check_decode_options, greedy_decode
@@ -113,7 +113,7 @@ class CaptionSummaries:
             return
         self.options = eval_options(exp.config)
         check_decode_options(**self.options)  # before step 1, not at the first validation
-        data_dir = feature_cache.data_dir_of(exp.config)
+        data_dir = exp.data_dir  # the current phase's: images from a finetune phase on
         examples = _first_examples(data_dir, exp.manifest, "val", n)
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
         ids = [e["image_id"].decode("utf-8") for e in examples]

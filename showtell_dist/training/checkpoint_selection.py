@@ -89,12 +89,11 @@ class CheckpointSelector:
         done = [h["metrics"] for h in self.selection["history"] if h["step"] == step]
         if done:  # a finished run launched again: that step was scored already
             return done[-1]
-        from showtell_dist.data import feature_cache
         from showtell_dist.evaluation.evaluator import SplitDecoder, scan_records
         from showtell_dist.evaluation.metrics import score_captions
         from showtell_dist.run.restore import TrainedModel
 
-        data_dir = feature_cache.data_dir_of(self.exp.config)
+        data_dir = self.exp.data_dir  # the current phase's: images from a finetune phase on
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
         trained = TrainedModel(self.exp.model, self.exp.tokenizer, self.exp.config, checkpoint_path="", step=step)
         if self._decoder is None:
@@ -133,6 +132,6 @@ def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split
     from showtell_dist.run.restore import load_trained_model
 
     trained = load_trained_model(model_dir, "best", strategy)
-    data_dir = feature_cache.data_dir_of(trained.config)
+    data_dir = feature_cache.data_dir_for(trained.config)  # images when the run fine-tuned its encoder
     return evaluate_split(trained, data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
                           progress=progress, selection=read_selection(model_dir), **eval_options(trained.config))

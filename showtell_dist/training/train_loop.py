@@ -9,9 +9,12 @@ steps and at the end. With eval.select_metric set it also captions the
 validation split then and keeps the best-scoring checkpoint in model_dir/best
 (checkpoint_selection.py).
 
-A run may chain phases (phases.py): config.phases = "xe,scst" trains with
-cross-entropy (config.train) and then self-critically (config.scst), in one
-global step counter, a new optimizer per phase, and selection across both.
+A run may chain phases (phases.py): config.phases = "xe,finetune,scst" trains
+with cross-entropy (config.train), then with the encoder fine-tuned
+(config.finetune), then self-critically (config.scst), in one global step
+counter, a new optimizer per phase, and selection across all. Each phase reads
+feature_cache.data_dir_for(config, phase): from a finetune phase on, the image
+records, for training, validation, selection and caption samples alike.
 config.init_checkpoint starts a new run from another run's weights (e.g.
 runs/x/best).
 """
@@ -51,27 +54,40 @@ class Experiment:
     """Everything built from a config and a prepared dataset, ready to train or evaluate."""
 
     config: object
-    manifest: dict
+    manifest: dict  # data_dir's
     tokenizer: Tokenizer
     model: ShowAndTell
     trainer: Trainer  # the current phase's
     checkpoint: tf.train.Checkpoint
     phase: Phase
     run_state: RunState
+    data_dir: str  # what the current phase reads: feature_cache.data_dir_for(config, phase.name)
+    manifests: dict = dataclasses.field(default_factory=dict)  # data dir -> its manifest, loaded once
+
+    def read(self, data_dir: str) -> None:
+        """Makes `data_dir` (the current phase's data) the experiment's data: its manifest too."""
+        if data_dir not in self.manifests:
+            self.manifests[data_dir] = load_manifest(data_dir)
+        self.data_dir, self.manifest = data_dir, self.manifests[data_dir]
 
 
-def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None) -> pipeline.PipelineSpec:
-    """The input of `split`; for training, that of `phase` (its batch size; its own shuffle seed)."""
+def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None,
+                  data_dir: str | None = None) -> pipeline.PipelineSpec:
+    """The input of `split`; for training, that of `phase` (its batch size; its own shuffle seed; its
+    data: feature_cache.data_dir_for). data_dir: the directory `manifest` describes, default that of
+    `phase` (of the first phase without one)."""
     batch = phase.section.global_batch_size if phase else config.train.global_batch_size
+    if data_dir is None:
+        data_dir = feature_cache.data_dir_for(config, phase.name if phase else feature_cache.phase_names(config)[0])
     return pipeline.PipelineSpec(
-        data_dir=feature_cache.data_dir_of(config), split=split, image_size=config.model.image_size,
+        data_dir=data_dir, split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
         shuffle_buffer=config.data.shuffle_buffer,
         # Teacher forcing runs over each batch's own caption bucket; self-critical steps take the references
         # at the static max_len.
         caption_buckets=(pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0))
-                         if phase is None or phase.name == "xe" else ()),
+                         if phase is None or phase.name in ("xe", "finetune") else ()),
         deterministic=config.data.get("deterministic_input", True))
 
 
@@ -83,6 +99,10 @@ def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.
                   run_state=run_state, seed=config.train.seed)
     if phase.name == "xe":
         return Trainer(strategy, model, config.train, **common)
+    if phase.name == "finetune":
+        from showtell_dist.training.trainer import FineTuneTrainer
+
+        return FineTuneTrainer(strategy, model, phase.section, **common)
     from showtell_dist.reward.cider_d import check_vocabulary_fits
     from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
     from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
@@ -100,6 +120,7 @@ def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy,
     exp.trainer = build_trainer(exp.config, exp.manifest, phase, strategy, exp.model, exp.run_state, log)
     exp.checkpoint.optimizer = exp.trainer.optimizer
     exp.phase = phase
+    exp.read(feature_cache.data_dir_for(exp.config, phase.name))
 
 
 def _describe(phase: Phase, num_phases: int) -> str:
@@ -107,6 +128,9 @@ def _describe(phase: Phase, num_phases: int) -> str:
     text = (f"phase {phase.index + 1}/{num_phases} '{phase.name}': global steps {phase.start}..{phase.end} "
             f"({phase.steps} steps of {s.global_batch_size} images), learning rate {s.learning_rate:g} "
             f"(warm-up {s.warmup_steps}, final ratio {s.final_lr_ratio:g}), new optimizer")
+    if phase.name == "finetune":
+        text += (f"; the encoder trains too, at learning rate {s.encoder_learning_rate:g} (BatchNorm statistics "
+                 f"frozen), from the image records")
     if phase.name == "scst":
         text += (f"; {s.samples_per_image} samples per image up to {s.max_len} tokens, baseline {s.baseline}, "
                  f"temperature {s.temperature:g}, dropout {'on' if s.dropout else 'off'}, xe_weight {s.xe_weight:g}")
@@ -123,12 +147,16 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         if phase.section.global_batch_size % strategy.num_replicas_in_sync:
             raise ConfigError(f"{phase.name} phase: global_batch_size {phase.section.global_batch_size} is not "
                               f"divisible by the {strategy.num_replicas_in_sync} replicas of the strategy.")
-    # Image records, or the encoder's features cached from them (config.data.features_dir).
-    data_dir = feature_cache.data_dir_of(config)
-    manifest = load_manifest(data_dir)
-    check_features_compatible(manifest, config.model, data_dir)
-    # A missing, extra or truncated shard stops here, before step 1, not mid-epoch.
-    validate_dataset(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+    # Image records, or the encoder's features cached from them (config.data.features_dir); the
+    # records from a finetune phase on (feature_cache.data_dir_for).
+    data_dir = feature_cache.data_dir_for(config, phases[0].name)
+    manifests = {}
+    for phase_data_dir in dict.fromkeys(feature_cache.data_dir_for(config, p.name) for p in phases):
+        manifest = manifests[phase_data_dir] = load_manifest(phase_data_dir)
+        check_features_compatible(manifest, config.model, phase_data_dir)
+        # A missing, extra or truncated shard stops here, before step 1, not mid-epoch (or mid-run).
+        validate_dataset(phase_data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+    manifest = manifests[data_dir]
     tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
     tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
     keras.mixed_precision.set_global_policy(policy)
@@ -138,13 +166,15 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         # checkpoints and exports are those of a model trained from images.
         model = build_model(config.model, tokenizer.vocab_size,
                             use_cudnn=resolve_use_cudnn(kind, config.train.jit_compile))
-    feature_cache.check_feature_dim(manifest, model, data_dir)
+    for phase_data_dir, phase_manifest in manifests.items():
+        feature_cache.check_feature_dim(phase_manifest, model, phase_data_dir)
     run_state = RunState.create(strategy, model, config.train.get("weight_average_decay", 0.0))
     trainer = build_trainer(config, manifest, phases[0], strategy, model, run_state)
     extra = {"weight_average": run_state.weight_average.averages} if run_state.weight_average else {}
     # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
     checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step, **extra)
-    return Experiment(config, manifest, tokenizer, model, trainer, checkpoint, phases[0], run_state)
+    return Experiment(config, manifest, tokenizer, model, trainer, checkpoint, phases[0], run_state, data_dir,
+                      manifests)
 
 
 def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
@@ -222,7 +252,7 @@ def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | Non
 
 
 def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
-    spec = pipeline_spec(exp.config, exp.manifest, split)
+    spec = pipeline_spec(exp.config, exp.manifest, split, data_dir=exp.data_dir)
     dataset = strategy.distribute_datasets_from_function(
         pipeline.eval_input_fn(exp.manifest, spec, max_images=max_images))
     steps = pipeline.eval_steps(exp.manifest, spec, num_workers(strategy), max_images)
@@ -273,11 +303,14 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
         while step < end:
             if iterator is None or step == exp.phase.end:
                 # A phase starts (or resumes): its trainer, and its input stream where it left off.
+                data_dir = exp.data_dir
                 start_phase(exp, phase_at(phases, step), strategy, loop_log)
+                if exp.data_dir != data_dir:  # a finetune phase begins: the samples are captioned from images
+                    caption_samples = CaptionSummaries(exp, strategy, log=loop_log)
                 if len(phases) > 1:
                     loop_log(_describe(exp.phase, len(phases)) + (f"; resumed at step {step}"
                                                                   if step > exp.phase.start else ""))
-                spec = pipeline_spec(config, exp.manifest, "train", exp.phase)
+                spec = pipeline_spec(config, exp.manifest, "train", exp.phase, exp.data_dir)
                 iterator = iter(strategy.distribute_datasets_from_function(
                     pipeline.train_input_fn(exp.manifest, spec, step - exp.phase.start)))
                 batch_images = spec.global_batch_size
@@ -339,7 +372,8 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
         return "no held-out split (test or val) to caption"
     with exp.trainer.evaluation_weights():
         samples = sample_captions(exp.model, exp.tokenizer, exp.manifest,
-                                  pipeline_spec(exp.config, exp.manifest, split), num_examples)
+                                  pipeline_spec(exp.config, exp.manifest, split, data_dir=exp.data_dir),
+                                  num_examples)
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
 
 

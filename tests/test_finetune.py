@@ -1,0 +1,168 @@
+"""The encoder fine-tuning phase: frozen BatchNorm statistics, the encoder's own learning rate, exact resume
+across xe -> finetune, and images (not the features cache) from the phase on."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import finetune
+from showtell_dist.config_validation import config_problems
+from showtell_dist.data import feature_cache
+from showtell_dist.features import builder
+from showtell_dist.model.encoders import build_encoder
+from showtell_dist.model.show_and_tell import build_model
+from showtell_dist.training import train_loop
+from showtell_dist.training.trainer import FineTuneTrainer, encoder_variables
+from tiny_setup import VOCAB, global_batch, tiny_config
+
+STRATEGY = tf.distribute.get_strategy()
+MOVING = ("moving_mean", "moving_variance")
+
+
+def _values(variables):
+    return [v.numpy() for v in variables]
+
+
+def _fine_tune(strategy, section, steps=2, policy="float32"):
+    """A features-cache-style model (frozen encoder) fine-tuned on one fixed batch of images."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        config = tiny_config("unused")
+        config.model.encoder_trainable = False
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build_model(config.model, VOCAB)
+        layout = [v.path for v in model.variables]
+        trainable = [v.path for v in model.trainable_variables]
+        before = _values(model.encoder.weights)
+        decoder_before = _values(model.trainable_variables)
+        trainer = FineTuneTrainer(strategy, model, section,
+                                  mixed_precision=None if policy == "float32" else policy)
+        iterator = iter(strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensors(global_batch()).repeat()))
+        first = trainer.train_loop(iterator, 1)
+        later = trainer.train_loop(iterator, steps - 1) if steps > 1 else first
+        # The model keeps its variables and (the moving average's) trainable list: the checkpoint layout.
+        assert [v.path for v in model.variables] == layout
+        assert [v.path for v in model.trainable_variables] == trainable and not model.encoder.trainable
+        return model, before, decoder_before, first, later
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _changed(model, before):
+    return {v.path: not np.array_equal(b, v.numpy()) for v, b in zip(model.encoder.weights, before)}
+
+
+def test_fine_tuning_trains_encoder_weights_but_not_batchnorm_statistics():
+    section = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3)
+    model, before, _, _, _ = _fine_tune(STRATEGY, section)
+    changed = _changed(model, before)
+    stats = {p: c for p, c in changed.items() if p.endswith(MOVING)}
+    weights = {p: c for p, c in changed.items() if not p.endswith(MOVING)}
+    assert len(stats) == 6 and not any(stats.values()), stats  # 3 BatchNorm layers, their statistics fixed
+    assert all(weights.values()), weights  # kernels, gammas, betas all moved
+    assert {v.path for v in encoder_variables(model)} == set(weights)
+
+
+def test_the_encoder_learns_at_its_own_rate():
+    section = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-2, encoder_learning_rate=0.0)
+    model, before, decoder_before, first, later = _fine_tune(STRATEGY, section)
+    assert not any(_changed(model, before).values())  # encoder lr 0: the encoder stays put
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(decoder_before, model.trainable_variables))
+    assert later["loss"] < first["loss"]
+
+
+def test_mirrored_fine_tuning_step_equals_one_device_and_keeps_statistics():
+    section = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3)
+    _, _, _, one, _ = _fine_tune(STRATEGY, section, steps=1)
+    model, before, _, two, _ = _fine_tune(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), section, steps=1)
+    np.testing.assert_allclose(two["loss"], one["loss"], atol=1e-5)
+    np.testing.assert_allclose(two["grad_norm"], one["grad_norm"], rtol=1e-4)  # encoder gradients included
+    changed = _changed(model, before)
+    assert not any(c for p, c in changed.items() if p.endswith(MOVING))
+    assert all(c for p, c in changed.items() if not p.endswith(MOVING))
+
+
+def test_mixed_bfloat16_fine_tuning_trains():
+    section = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3)
+    model, before, _, first, later = _fine_tune(STRATEGY, section, steps=6, policy="mixed_bfloat16")
+    assert np.isfinite(first["loss"]) and later["loss"] < first["loss"]
+    assert not any(c for p, c in _changed(model, before).items() if p.endswith(MOVING))
+
+
+def test_data_dir_for_and_validation():
+    c = tiny_config("records")
+    c.data.features_dir = "features"
+    c.phases = "xe,finetune,scst"
+    assert feature_cache.data_dir_for(c, "xe") == "features"
+    assert feature_cache.data_dir_for(c, "finetune") == feature_cache.data_dir_for(c, "scst") == "records"
+    assert feature_cache.data_dir_for(c) == "records"  # evaluating the run's checkpoints afterwards
+    c.phases = "xe,scst"
+    assert feature_cache.data_dir_for(c) == feature_cache.data_dir_for(c, "scst") == "features"
+
+    config = tiny_config("records").to_dict()
+    config["phases"] = "xe,finetune"
+    assert config_problems(config) == ["phases = 'xe,finetune': the finetune phase needs a `finetune` section, which "
+                                       "the config lacks (add one: c.finetune = configs.finetune.section())"]
+    config["finetune"] = finetune.section(learning_rate=0.0, encoder_learning_rate=-1.0).to_dict()
+    assert sorted(config_problems(config)) == ["finetune.encoder_learning_rate = -1.0: must be a number >= 0",
+                                               "finetune.learning_rate = 0.0: must be a number > 0"]
+
+
+# -- a features-cache xe run followed by fine-tuning ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    path = str(tmp_path_factory.mktemp("encoder") / "small_cnn.weights.h5")
+    build_encoder("small_cnn", image_size=32).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_dataset, weights, tmp_path_factory):
+    records_dir, _ = tiny_dataset
+    c = tiny_config(records_dir, steps=2, steps_per_loop=1)
+    c.model.encoder_trainable = False
+    c.model.encoder_weights = weights
+    c.data.features_dir = str(tmp_path_factory.mktemp("features"))
+    builder.cache_features(records_dir, c.data.features_dir, c.model, batch_size=8, progress=False)
+    c.phases = "xe,finetune"
+    c.finetune = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-3, encoder_learning_rate=1e-3)
+    c.train.summary_images = 2
+    c.eval.select_metric = "CIDEr-D"
+    return c
+
+
+def test_features_then_finetune_reads_images_and_resumes_exactly(run_config, weights, tmp_path):
+    logs = []
+    full_metrics, full = train_loop.train(run_config, STRATEGY, str(tmp_path / "full"), show_progress=False,
+                                          log=logs.append)
+    assert full_metrics["step"] == 5 and full_metrics["phase"] == "finetune"
+    assert any(line.startswith("phase 2/2 'finetune': global steps 2..5") and "from the image records" in line
+               for line in logs), logs
+    # From the finetune phase on the run reads the records: training (FineTuneTrainer refuses features),
+    # validation, selection and caption samples.
+    assert full.data_dir == run_config.data.records_dir
+    assert full.manifest is full.manifests[run_config.data.records_dir]
+    assert full.manifests[run_config.data.features_dir]["kind"] == feature_cache.KIND
+    assert feature_cache.data_dir_for(run_config) == run_config.data.records_dir  # evaluate_selected, evaluate.py
+    reference = build_encoder("small_cnn", image_size=32, weights=weights)
+    for v, r in zip(full.model.encoder.weights, reference.weights):
+        moved = not np.array_equal(v.numpy(), r.numpy())
+        assert moved != v.path.endswith(MOVING), v.path
+
+    model_dir = str(tmp_path / "resumed")
+    first, _ = train_loop.train(run_config, STRATEGY, model_dir, show_progress=False, stop_at_step=2)
+    assert first["step"] == 2 and first["phase"] == "xe"
+    second, exp = train_loop.train(run_config, STRATEGY, model_dir, show_progress=False, stop_at_step=3)
+    assert second["step"] == 3 and second["phase"] == "finetune"
+    resumed_metrics, resumed = train_loop.train(run_config, STRATEGY, model_dir, show_progress=False)
+    assert resumed_metrics["step"] == 5 and resumed.data_dir == run_config.data.records_dir
+    for a, b in zip(_values(full.model.variables), _values(resumed.model.variables)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(resumed_metrics["loss"], full_metrics["loss"], atol=1e-6)
+    np.testing.assert_allclose(resumed_metrics["val_loss"], full_metrics["val_loss"], atol=1e-6)
+    assert resumed_metrics["val_CIDEr-D"] == pytest.approx(full_metrics["val_CIDEr-D"], abs=1e-6)
