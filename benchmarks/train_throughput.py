@@ -55,6 +55,12 @@ Also printed, all measured in this run:
     <end> is raised so that samples average ~10 words, as a trained model's do
     (a random model would sample to the maximum length). Alone: `--only_scst`;
     skipped with `--skip_scst`.
+  * fine-tuning: (a)'s cross-entropy step from cached features beside the
+    finetune phase's step (training/trainer.py FineTuneTrainer: MobileNetV2 at
+    224 trained too, inference-mode BatchNorm, from uint8 images) on the same
+    captions, in images/s, timed interleaved; and what an hour of the finetune
+    step buys on Flickr8k's 6000 train images (steps, epochs). Alone:
+    `--only_finetune`; skipped with `--skip_finetune`.
 """
 
 from __future__ import annotations
@@ -113,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--only_precision", action="store_true", help="Run only the float32 vs mixed_bfloat16 section.")
     p.add_argument("--skip_scst", action="store_true", help="Skip the self-critical vs cross-entropy section.")
     p.add_argument("--only_scst", action="store_true", help="Run only the self-critical vs cross-entropy section.")
+    p.add_argument("--skip_finetune", action="store_true", help="Skip the fine-tune vs cross-entropy section.")
+    p.add_argument("--only_finetune", action="store_true", help="Run only the fine-tune vs cross-entropy section.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -484,6 +492,55 @@ def scst_section(args) -> dict:
     return {"xe_images_per_s": ips["xe"], "scst_images_per_s": ips["scst"], "ratio": ratio}
 
 
+FLICKR8K_TRAIN_IMAGES = 6000
+
+
+def finetune_section(args) -> dict:
+    """Prints the finetune step's images/s (MobileNetV2 at 224 trained from images) beside the
+    cross-entropy step's from cached features, and what an hour of fine-tuning buys."""
+    from configs import finetune
+    from showtell_dist.training.trainer import FineTuneTrainer, RunState
+
+    B, C = args.batch, args.captions_per_image
+    rng = np.random.default_rng(args.seed + 4)
+    captions = random_captions(rng, (2, B, C), args)
+    features = np.abs(rng.normal(0.0, 1.0, (2, B, FEATURE_DIM))).astype(np.float32)
+    images = rng.integers(0, 256, (2, B, 224, 224, 3), dtype=np.uint8)  # what the records pipeline yields
+    config = toolkit_config(args, "mobilenet_v2")
+    config.model.encoder_trainable = False  # a features-cache run, as flickr8k_mobilenet trains
+    section = finetune.section(global_batch_size=B)
+    keras.mixed_precision.set_global_policy("float32")
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(config.model, args.vocab)
+    run_state = RunState.create(strategy, model, 0.0)
+    xe = Trainer(strategy, model, config.train, jit_compile=False, run_state=run_state)
+    ft = FineTuneTrainer(strategy, model, section, run_state=run_state)
+    it_xe = cycled({"features": features, "captions": captions})
+    it_ft = cycled({"images": images, "captions": captions})
+    fns = {"xe": lambda: xe.train_loop(it_xe, 1), "finetune": lambda: ft.train_loop(it_ft, 1)}
+    for fn in fns.values():
+        timed(fn)  # warm-up: tracing + first step
+    times = {name: [] for name in fns}
+    for _ in range(max(args.steps, 2)):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ips = {k: B / v for k, v in med.items()}
+    steps_per_hour = 3600.0 / med["finetune"]
+    epochs_per_hour = steps_per_hour * B / FLICKR8K_TRAIN_IMAGES
+    print(f"fine-tuning vs cross-entropy from features, MobileNetV2 at 224, {B} images/step x {C} captions, "
+          f"float32, medians over {len(times['xe'])} interleaved rounds:")
+    print(f"    xe from cached features   {ips['xe']:9.1f} images/s ({med['xe']:.2f} s/step)")
+    print(f"    finetune from images      {ips['finetune']:9.1f} images/s ({med['finetune']:.2f} s/step): encoder "
+          f"forward + backward, BatchNorm in inference mode")
+    print(f"    finetune step cost / xe step cost {med['finetune'] / med['xe']:.1f}x; one hour of finetune steps: "
+          f"{steps_per_hour:.0f} steps = {epochs_per_hour:.2f} epochs of Flickr8k's {FLICKR8K_TRAIN_IMAGES} train "
+          f"images (load average {os.getloadavg()[0]:.1f})")
+    return {"xe_images_per_s": ips["xe"], "finetune_images_per_s": ips["finetune"],
+            "finetune_steps_per_hour": steps_per_hour, "finetune_epochs_per_hour": epochs_per_hour}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
@@ -498,6 +555,11 @@ def main(argv=None):
     if args.only_scst:
         keras.utils.set_random_seed(args.seed)
         scst_section(args)
+        print(f"total wall time {time.perf_counter() - wall:.0f} s")
+        return
+    if args.only_finetune:
+        keras.utils.set_random_seed(args.seed)
+        finetune_section(args)
         print(f"total wall time {time.perf_counter() - wall:.0f} s")
         return
     keras.utils.set_random_seed(args.seed)
@@ -661,6 +723,9 @@ def main(argv=None):
     if not args.skip_scst:
         print()
         scst_section(args)
+    if not args.skip_finetune:
+        print()
+        finetune_section(args)
     print(f"total wall time {time.perf_counter() - wall:.0f} s")
     tmp.cleanup()
 

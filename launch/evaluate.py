@@ -58,6 +58,11 @@ def main(argv):
         members = models if isinstance(models, list) else [models]
         first = members[0]
         records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
+        from showtell_dist.data import feature_cache
+        from showtell_dist.data.prepare import load_manifest
+
+        for member in members:  # a features cache cannot serve a run that fine-tuned its encoder
+            feature_cache.check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
         model_dir = flags.FLAGS.model_dir[0].rstrip("/")
         output_dir = _OUTPUT_DIR.value or (f"{model_dir}/eval_{_SPLIT.value}"
                                            + ("_ensemble" if len(members) > 1 else ""))

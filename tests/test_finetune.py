@@ -136,6 +136,7 @@ def run_config(tiny_dataset, weights, tmp_path_factory):
     return c
 
 
+@pytest.mark.slow
 def test_features_then_finetune_reads_images_and_resumes_exactly(run_config, weights, tmp_path):
     logs = []
     full_metrics, full = train_loop.train(run_config, STRATEGY, str(tmp_path / "full"), show_progress=False,
@@ -166,3 +167,16 @@ def test_features_then_finetune_reads_images_and_resumes_exactly(run_config, wei
     np.testing.assert_allclose(resumed_metrics["loss"], full_metrics["loss"], atol=1e-6)
     np.testing.assert_allclose(resumed_metrics["val_loss"], full_metrics["val_loss"], atol=1e-6)
     assert resumed_metrics["val_CIDEr-D"] == pytest.approx(full_metrics["val_CIDEr-D"], abs=1e-6)
+
+
+def test_a_features_cache_cannot_serve_a_fine_tuned_run():
+    from showtell_dist.errors import ConfigError
+
+    c = tiny_config("records")
+    c.data.features_dir = "features"
+    cache, records = {"kind": feature_cache.KIND}, {}
+    feature_cache.check_cache_serves_run(c, "features", cache)  # xe only: the cache is the encoder's
+    c.phases = "xe,finetune"
+    feature_cache.check_cache_serves_run(c, "records", records)
+    with pytest.raises(ConfigError, match="fine-tuned its encoder.*decode from the image records"):
+        feature_cache.check_cache_serves_run(c, "features", cache)

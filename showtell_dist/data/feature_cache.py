@@ -91,6 +91,15 @@ def data_dir_for(config, phase: str | None = None) -> str:
     return data_dir_of(config)
 
 
+def check_cache_serves_run(config, data_dir: str, manifest: dict) -> None:
+    """Raises ConfigError when `data_dir` is a features cache but the run (config) fine-tuned its
+    encoder: the cache holds the features of the encoder before it moved."""
+    if pipeline.manifest_kind(manifest) == KIND and data_dir_for(config) != data_dir_of(config):
+        raise ConfigError(f"{data_dir} is a features cache, but this run fine-tuned its encoder (config.phases="
+                          f"{config.get('phases', '')!r}), so the cached features are stale; decode from the image "
+                          f"records ({config.data.records_dir}).")
+
+
 def check_feature_dim(manifest: dict, model, features_dir: str) -> None:
     """Raises ConfigError when the cache's feature dimension is not the model encoder's."""
     dim = pipeline.feature_dim(manifest)

@@ -229,7 +229,9 @@ class FineTuneTrainer(Trainer):
     small batch would drift far from the ImageNet ones the weights were trained with. The model's
     encoder stays `trainable=False` when it was built so (a features-cache run): the trainer lists the
     encoder's variables itself, so the model's variables, its trainable_variables (which the moving
-    average of the weights covers) and the checkpoint layout are those of the other phases.
+    average of the weights covers) and the checkpoint layout are those of the other phases. So with
+    train.weight_average_decay > 0 the moving average covers the decoder only; evaluation uses it with
+    the encoder's current weights.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model, section, **kwargs):
