@@ -163,7 +163,8 @@ def test_same_weights_same_loss_from_images_and_from_features(cache, tiny_datase
     strategy = tf.distribute.get_strategy()
     exp = train_loop.build_experiment(_frozen_config(records_dir, weights), strategy)
     from_images = train_loop.evaluate_loss(exp, strategy, "val")
-    features_exp = dataclasses.replace(exp, config=_frozen_config(records_dir, weights, out), manifest=manifest)
+    features_exp = dataclasses.replace(exp, config=_frozen_config(records_dir, weights, out), manifest=manifest,
+                                       data_dir=out)
 
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder ran on a features batch")
