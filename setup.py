@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Distributed TensorFlow training and fast batched evaluation of Show-and-Tell captioners",
     packages=find_packages(include=["showtell_dist", "showtell_dist.*"]),
+    package_data={"showtell_dist.serving": ["page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -22,8 +23,10 @@ setup(
         "pillow",
         "tqdm",
         "pycocoevalcap",
+        "aiohttp>=3.9",  # launch/serve.py's HTTP server
     ],
     extras_require={
-        "dev": ["pytest", "gcp-storage-emulator", "cryptography"],
+        "dev": ["pytest", "gcp-storage-emulator", "cryptography",
+                "selenium>=4.11"],  # drives Debian's chromium + chromium-driver in tests/test_serving.py
     },
 )

@@ -31,6 +31,7 @@ def main(argv):
     del argv
     config = _CONFIG.value
     with cli.user_errors():
+        cli.validate_config(config)  # every bad value in one message, before any work
         from showtell_dist.data import feature_cache
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.errors import ConfigError

@@ -65,6 +65,18 @@ def decode_options(run_config) -> dict:
     return options
 
 
+def validate_config(config) -> None:
+    """ConfigError listing every bad value of the --config (file and overrides), before any work.
+
+    Fields without a rule of their own are type-checked against configs/demo.py's defaults.
+    """
+    from configs import demo
+    from showtell_dist.config_validation import validate_config as validate
+
+    source = f"--config={flags.FLAGS['config'].config_filename} (with its --config.* overrides)"
+    validate(config, source=source, reference=demo.get_config())
+
+
 def strategy_from_flags():
     from showtell_dist.distribute.strategy import create_strategy
 
@@ -89,6 +101,6 @@ def user_errors():
 
 
 def format_metrics(metrics: dict) -> str:
-    keys = ("step", "loss", "perplexity", "val_loss", "val_perplexity", "images_per_s")
+    keys = ("step", "loss", "perplexity", "reward", "val_loss", "val_perplexity", "images_per_s")
     return "final: " + ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                                  for k in keys if k in metrics)

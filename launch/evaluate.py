@@ -48,6 +48,7 @@ def main(argv):
         strategy = cli.strategy_from_flags()
         from showtell_dist.evaluation.evaluator import evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
+        from showtell_dist.run.run_dir import read_selection
 
         check_java()
         models = cli.load_models(strategy)
@@ -64,7 +65,8 @@ def main(argv):
               f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
         summary = evaluate_split(models, records_dir, _SPLIT.value, strategy, output_dir,
                                  max_images=_MAX_IMAGES.value, batch_size=_BATCH.value, use_meteor=_METEOR.value,
-                                 report_images=_REPORT.value, progress=_PROGRESS.value, **options)
+                                 report_images=_REPORT.value, progress=_PROGRESS.value,
+                                 selection=read_selection(model_dir), **options)  # val curves in report.html
         if not summary:  # a worker of a multi-worker job: it decoded its share, the chief reports
             return
         speed = summary["images_per_s"]

@@ -5,7 +5,8 @@
 
 Layouts: tutorial (images/, captions.csv, {split}_split_filenames.txt), flickr
 (Flickr8k.token.txt + Flickr_8k.*Images.txt), coco (captions_*.json),
-karpathy (dataset_*.json); auto detects which.
+karpathy (dataset_*.json); auto detects which. A hand-made captions.csv row with
+unquoted commas is read as image + the rest as caption, and counted.
 """
 
 import _bootstrap  # noqa: F401
@@ -21,9 +22,14 @@ _LANG = flags.DEFINE_string("lang", "en", "spaCy language of spacy.blank(lang)."
 _SPACY_MODEL = flags.DEFINE_string("spacy_model", None, "An installed spaCy pipeline to tokenize with instead.")
 _MIN_COUNT = flags.DEFINE_integer("min_count", 1, "Words seen fewer times in train captions become <unk>.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "Cap on vocabulary size including special tokens.")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cap on caption length in tokens (with <start> and <end>).")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cap on caption length in tokens (with <start> and <end>). "
+                                "Default: the length covering 99.9% of train captions; longer ones are cut "
+                                "and counted in the manifest.")
 _PER_SHARD = flags.DEFINE_integer("images_per_shard", 1000, "Images per TFRecord shard.")
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "Shards written in parallel.")
+_RESIZE_TO = flags.DEFINE_integer(
+    "resize_to", 0, "Store images resized to NxN exactly as training resizes them (set it to the model's "
+    "image_size): training reads and decodes several times fewer bytes. 0 keeps the original size.")
 
 
 def main(argv):
@@ -34,7 +40,8 @@ def main(argv):
         options = PrepareOptions(layout=_LAYOUT.value, image_dir=_IMAGE_DIR.value, lang=_LANG.value,
                                  spacy_model=_SPACY_MODEL.value, min_count=_MIN_COUNT.value,
                                  vocab_size=_VOCAB_SIZE.value, max_len=_MAX_LEN.value,
-                                 images_per_shard=_PER_SHARD.value, num_workers=_WORKERS.value)
+                                 images_per_shard=_PER_SHARD.value, num_workers=_WORKERS.value,
+                                 resize_to=_RESIZE_TO.value)
         manifest = prepare_dataset(_INPUT.value, _OUTPUT.value, options)
         print(summarize(manifest))
         print(f"wrote {_OUTPUT.value}/manifest.json")

@@ -45,6 +45,7 @@ def main(argv):
         config.train.mixed_precision = "" if _MIXED.value == "none" else _MIXED.value
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
+        cli.validate_config(config)  # every bad value in one message, before any work
         strategy = cli.strategy_from_flags()
         from showtell_dist.features.builder import ensure_features
         from showtell_dist.data.prepare import ensure_prepared
@@ -56,17 +57,20 @@ def main(argv):
         print(f"strategy: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
               f"model_dir: {model_dir}", flush=True)
         metrics, experiment = train_loop.train(config, strategy, model_dir, stop_at_step=_STOP_AT.value)
+        if is_chief(strategy):
+            print(cli.format_metrics(metrics), flush=True)
+        if metrics.get("preempted"):
+            sys.exit(143)  # on every worker: all saved the same step and stopped
+        from showtell_dist.training.phases import total_steps
+
         summary = None
-        if "best_step" in metrics and metrics["step"] == config.train.steps and not metrics.get("preempted"):
+        if "best_step" in metrics and metrics["step"] == total_steps(config):
             from showtell_dist.training.checkpoint_selection import evaluate_selected
 
             # Every worker decodes its share (the captions are gathered collectively); the chief scores them.
             summary = evaluate_selected(model_dir, strategy, split="val")
         if not is_chief(strategy):
             return
-        print(cli.format_metrics(metrics), flush=True)
-        if metrics.get("preempted"):
-            sys.exit(143)
         if summary:
             from showtell_dist.evaluation.metrics import format_metrics_table
 

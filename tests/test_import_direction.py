@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "showtell_dist"
 # A package may import packages of a lower layer only (and its own modules).
 LAYERS = {
     "errors": 0,
-    "storage": 1,
+    "storage": 1, "config_validation": 1,
     "data": 2, "decoding": 2, "distribute": 2, "model": 2, "reward": 2,
     "run": 3, "features": 3,
     "training": 4, "evaluation": 4, "export": 4, "serving": 4,

@@ -500,7 +500,6 @@ def test_non_utf8_caption_file(tmp_path):
 @pytest.mark.parametrize(
     "csv_text, message",
     [
-        ("image,caption\na.jpg,A dog, running .\n", r"captions\.csv:2: expected 2 fields"),
         ("image,caption\na.jpg\n", r"captions\.csv:2: expected 2 fields \(image,caption\), got 1"),
         ("name,text\na.jpg,A dog .\n", r"captions\.csv:1: expected the header 'image,caption'"),
         ("image,caption\na.jpg,A dog .\nb.jpg,\"A cat .\nc.jpg,A cow .\n",
@@ -542,3 +541,16 @@ def test_missing_images_dir(tmp_path):
     expected = "no image directory; the tutorial layout looks for images/"
     with pytest.raises(DataError, match=expected):
         read_corpus(root)
+
+
+def test_caption_csv_row_with_unquoted_commas_is_joined_and_counted(tmp_path):
+    csv_text = ('image,caption\na.jpg,A dog, running, fast .\na.jpg,"A quoted, dog ."\n'
+                'b.jpg,A cat .\nb.jpg,"A ""big"" cat", sitting\n')
+    root = _write_tutorial(tmp_path / "ds", csv_text, {"train": ["a.jpg", "b.jpg"]}, ["a.jpg", "b.jpg"])
+
+    corpus = read_corpus(root)
+    captions = {e.image_id: e.captions for e in corpus.splits["train"]}
+    assert captions == {"a.jpg": ["A dog, running, fast .", "A quoted, dog ."],
+                        "b.jpg": ["A cat .", 'A "big" cat, sitting']}
+    assert corpus.joined_rows == [f"{root}/captions.csv:2", f"{root}/captions.csv:5"]
+    assert corpus.skipped == []

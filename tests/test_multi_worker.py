@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -66,11 +69,77 @@ def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_pa
     assert "selected checkpoint" not in outputs[1]
     assert os.path.exists(os.path.join(model_dir, "eval_val", "metrics.json"))
     step0, chief = _final_weights(os.path.join(model_dir, "checkpoints"))
-    step1, other = _final_weights(os.path.join(model_dir, "checkpoints_worker_1"))
-    assert step0 == step1 == 6
-    assert chief.keys() == other.keys() and chief
-    for name in chief:
-        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+    assert step0 == 6 and chief
+    # Worker 1 saved too (the save is collective) into a scratch dir, deleted right after.
+    assert not os.path.exists(os.path.join(model_dir, "checkpoints_worker_1"))
+
+
+def _start_workers(model_dir, records, *flags):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        args = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), "--strategy=multi_worker",
+                f"--model_dir={model_dir}", f"--config.data.records_dir={records}",
+                "--config.data.generate_synthetic=False", "--config.model.image_size=32",
+                "--config.model.units=16", "--config.model.embed_dim=8", "--config.train.global_batch_size=8",
+                "--config.train.steps=100000", "--config.train.steps_per_loop=1",
+                "--config.train.checkpoint_every=0", "--config.train.eval_every=0", "--num_examples=0", *flags]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+        raise
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_they_resume_there(tiny_dataset, tmp_path):
+    """A preempted non-chief: both workers save step N and exit 143 (no hang in a collective);
+    relaunched, both restore the chief's step N and end where an uninterrupted run ends."""
+    records, _ = tiny_dataset
+    model_dir = str(tmp_path / "run")
+    procs = _start_workers(model_dir, records)
+    deadline = time.time() + 180
+    while not os.path.exists(os.path.join(model_dir, "train")) and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    procs[1].send_signal(signal.SIGTERM)
+    codes, outputs = _finish(procs)
+    assert codes == [143, 143], "\n---\n".join(o[-3000:] for o in outputs)
+    saved = [re.findall(r"saved a checkpoint at step (\d+)", out) for out in outputs]
+    assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], saved
+    assert "SIGTERM (on another worker)" in outputs[0]
+    step = int(saved[0][0])
+    assert _final_weights(os.path.join(model_dir, "checkpoints"))[0] == step > 0
+    assert not os.path.exists(os.path.join(model_dir, "checkpoints_worker_1"))
+
+    end = f"--stop_at_step={step + 3}"
+    codes, outputs = _finish(_start_workers(model_dir, records, end))
+    assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
+    for out in outputs:  # the non-chief too restores the chief's checkpoint
+        assert f"checkpoints/ckpt-{step} at step {step}" in out, out[-3000:]
+    resumed_step, resumed = _final_weights(os.path.join(model_dir, "checkpoints"))
+
+    reference_dir = str(tmp_path / "uninterrupted")
+    codes, outputs = _finish(_start_workers(reference_dir, records, end))
+    assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
+    reference_step, reference = _final_weights(os.path.join(reference_dir, "checkpoints"))
+    assert resumed_step == reference_step == step + 3
+    assert resumed.keys() == reference.keys() and resumed
+    for name in reference:
+        np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
 
 
 def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):

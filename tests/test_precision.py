@@ -56,3 +56,20 @@ def test_fast_bf16_cpu_flags(tmp_path):
 def test_device_kind_of_this_machine():
     # The test machine has no GPU or TPU.
     assert device_kind(tf.distribute.get_strategy()) == "cpu"
+
+
+def test_build_experiment_trains_in_the_resolved_policy(tiny_dataset):
+    import keras
+
+    from showtell_dist.training import train_loop
+    from tiny_setup import tiny_config
+
+    records, _ = tiny_dataset
+    try:
+        for requested, expected in (("auto", "bfloat16" if cpu_has_fast_bf16() else "float32"), ("", "float32")):
+            exp = train_loop.build_experiment(tiny_config(records, mixed_precision=requested),
+                                              tf.distribute.get_strategy())
+            assert exp.model.lstm.compute_dtype == expected, requested
+            assert exp.model.logits.compute_dtype == "float32"  # the loss stays in float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

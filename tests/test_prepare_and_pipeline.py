@@ -11,7 +11,7 @@ from PIL import Image
 from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import PrepareOptions, load_manifest, prepare_dataset, summarize
 from showtell_dist.data.tokenizer import END_ID, START_ID, Tokenizer
-from showtell_dist.errors import DataError
+from showtell_dist.errors import ConfigError, DataError
 
 FLICKR8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "flickr8k")
 
@@ -96,7 +96,7 @@ def test_record_round_trip():
 def _spec(records_dir, manifest, split="train", **kw):
     return pipeline.PipelineSpec(data_dir=records_dir, split=split, image_size=32, captions_per_image=kw.pop("c", 3),
                                  max_len=manifest["max_len"], global_batch_size=kw.pop("batch", 8), seed=0,
-                                 shuffle_buffer=16)
+                                 shuffle_buffer=16, **kw)
 
 
 def test_train_pipeline_shapes_and_determinism(tiny_dataset):
@@ -105,7 +105,7 @@ def test_train_pipeline_shapes_and_determinism(tiny_dataset):
     ctx = tf.distribute.InputContext()
     batches = list(pipeline.train_input_fn(manifest, spec)(ctx).take(7))  # 56 > 48 images: crosses an epoch
     b = batches[0]
-    assert b["images"].shape == (8, 32, 32, 3) and b["images"].dtype == tf.float32
+    assert b["images"].shape == (8, 32, 32, 3) and b["images"].dtype == tf.uint8  # cast on the device
     assert b["captions"].shape == (8, 3, manifest["max_len"]) and b["captions"].dtype == tf.int32
     caps = b["captions"].numpy()
     assert (caps[:, :, 0] == START_ID).all()  # synthetic images have 4 captions: 3 real rows each
@@ -115,6 +115,56 @@ def test_train_pipeline_shapes_and_determinism(tiny_dataset):
     for x, y in zip(batches[3:], resumed):
         np.testing.assert_array_equal(x["captions"], y["captions"])
         np.testing.assert_array_equal(x["images"], y["images"])
+
+
+def _counting_reads(monkeypatch) -> list:
+    """Counts the records the pipelines read (one list entry per record), one group at a time."""
+    read = []
+    original = pipeline._read_files
+
+    def counted(files):
+        def count(record):
+            read.append(1)
+            return record
+        return original(files).map(lambda r: tf.py_function(count, [r], tf.string))
+
+    monkeypatch.setattr(pipeline, "_read_files", counted)
+    monkeypatch.setattr(pipeline, "GROUPS_IN_FLIGHT", None)  # no read-ahead: count what a resume must read
+    return read
+
+
+@pytest.mark.parametrize("pipelines", [2, 4])  # 3 shards: by file (2 pipelines) and by record (4)
+def test_resume_reads_one_shard_and_continues_the_stream(tiny_dataset, monkeypatch, pipelines):
+    records_dir, manifest = tiny_dataset
+    spec = _spec(records_dir, manifest)  # 3 shards of 16 records, shuffle_buffer 16: one shard per group
+    shard = max(s["records"] for s in manifest["splits"]["train"]["shards"])
+    read = _counting_reads(monkeypatch)
+    first_epochs = []
+    for index in range(pipelines):
+        ctx = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=index,
+                                         num_replicas_in_sync=pipelines)
+        order = pipeline.train_order(manifest, spec, ctx)
+        length = order.epoch_length
+        if index:
+            first_epochs += list(pipeline._train_records(order, 0).take(length).as_numpy_iterator())
+            continue
+        full = list(pipeline._train_records(order, 0).take(4 * length).as_numpy_iterator())
+        first_epochs += full[:length]
+        assert full[:length] != full[length:2 * length]  # each epoch has its own order
+        for position in (13, 2 * length + 5):
+            read.clear()
+            resumed = pipeline._train_records(order, position)
+            assert next(iter(resumed)).numpy() == full[position]
+            assert 0 < len(read) <= shard, (position, len(read))  # not the `position` records before it
+            assert list(resumed.take(length).as_numpy_iterator()) == full[position:position + length]
+        # Whole batches too, through parsing (the captions a resumed run trains on).
+        batches = list(pipeline.train_input_fn(manifest, spec)(ctx).take(8))
+        for x, y in zip(batches[6:], pipeline.train_input_fn(manifest, spec, start_step=6)(ctx).take(2)):
+            np.testing.assert_array_equal(x["captions"], y["captions"])
+            np.testing.assert_array_equal(x["images"], y["images"])
+    # The pipelines' first epochs share out the split: each record once.
+    files = pipeline.shard_files(manifest, spec)
+    assert sorted(first_epochs) == sorted(r.numpy() for r in tf.data.TFRecordDataset(files))
 
 
 def test_missing_captions_are_zero_rows(tiny_dataset):
@@ -212,3 +262,97 @@ def test_records_of_older_word_splitting_rules_are_refused_before_training(tmp_p
     (out / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(DataError, match="tokenizer rules 'spacy-default'.*prepare the dataset again"):
         ensure_prepared(config)
+
+
+def test_prepare_joins_unquoted_comma_rows_and_caps_max_len_at_the_999th_permille(tmp_path):
+    root = tmp_path / "in"
+    os.makedirs(root / "images")
+    _jpeg(root / "images" / "a.jpg")
+    _jpeg(root / "images" / "v.jpg")
+    lines = ["image,caption"] + ["a.jpg,a red square on grey"] * 1999 + ["a.jpg," + " ".join(["red"] * 400)]
+    lines += ["a.jpg,a red, square", "v.jpg,a square", "v.jpg," + " ".join(["big"] * 30)]
+    (root / "captions.csv").write_text("\n".join(lines) + "\n")
+    (root / "train_split_filenames.txt").write_text("a.jpg\n")
+    (root / "val_split_filenames.txt").write_text("v.jpg\n")
+
+    manifest = prepare_dataset(str(root), str(tmp_path / "out"))
+    assert manifest["joined_rows"] == 1 and manifest["joined_row_locations"] == [f"{root}/captions.csv:2002"]
+    assert manifest["max_len"] == 7 and manifest["longest_train_caption"] == 402
+    assert manifest["truncated_captions"] == 2 and manifest["truncated_by_split"] == {"train": 1, "val": 1}
+    text = summarize(manifest)
+    assert "unquoted commas" in text and ": 1 (" in text
+    assert "max_len 7 (from the 99.9% of train captions (the default); longest train caption 402)" in text
+    assert "captions cut to max_len: 2 (train 1, val 1)" in text
+
+    explicit = prepare_dataset(str(root), str(tmp_path / "out2"), PrepareOptions(max_len=40))
+    assert explicit["max_len"] == 40 and explicit["truncated_captions"] == 1
+    assert "max_len option" in explicit["max_len_from"]
+
+
+def test_captions_are_padded_per_batch_to_a_bucket(tiny_dataset):
+    records_dir, manifest = tiny_dataset
+    max_len = manifest["max_len"]
+    buckets = pipeline.caption_buckets(max_len, 8)
+    assert buckets[-1] == max_len and len(buckets) == 8 and list(buckets) == sorted(buckets)
+    ctx = tf.distribute.InputContext()
+    padded = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, c=1, batch=4))(ctx).take(12)
+    bucketed_fn = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, c=1, batch=4,
+                                                          caption_buckets=buckets))
+    bucketed = bucketed_fn(ctx)
+    assert bucketed.element_spec["captions"].shape.as_list() == [4, 1, None]
+    lengths = set()
+    for full, b in zip(padded, bucketed.take(12)):
+        time = b["captions"].shape[-1]
+        lengths.add(time)
+        longest = int(np.max(np.nonzero(full["captions"].numpy())[-1])) + 1
+        assert time in buckets and time >= longest  # the smallest bucket that holds the longest caption
+        assert all(t < longest for t in buckets if t < time)
+        np.testing.assert_array_equal(b["captions"], full["captions"][:, :, :time])
+        assert not np.any(full["captions"][:, :, time:])
+    assert min(lengths) < max_len  # some batches are shorter than the longest caption
+
+
+def test_nondeterministic_decoding_yields_the_same_images(tiny_dataset):
+    records_dir, manifest = tiny_dataset
+    ctx = tf.distribute.InputContext()
+    steps = 6  # one epoch: 48 images
+    a = pipeline.train_input_fn(manifest, _spec(records_dir, manifest))(ctx).take(steps)
+    b = pipeline.train_input_fn(manifest, _spec(records_dir, manifest, deterministic=False))(ctx).take(steps)
+    key = lambda batches: sorted(x.tobytes() for batch in batches for x in batch["images"].numpy())
+    assert key(a) == key(b)
+
+
+def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
+    raw = tmp_path / "raw"
+    os.makedirs(raw / "images")
+    y, x = np.mgrid[0:75, 0:100]
+    names = []
+    for i in range(4):  # smooth pictures, which a JPEG keeps well
+        pixels = np.stack([127 + 100 * np.sin(x / (30 + 5 * i) + c) * np.cos(y / 25) for c in range(3)], -1)
+        name = f"i{i}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(raw / "images" / name, quality=98)
+        names.append(name)
+    with open(raw / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption")] + [(n, f"a picture number {i}") for i, n in enumerate(names)])
+    (raw / "train_split_filenames.txt").write_text("\n".join(names) + "\n")
+    original = prepare_dataset(str(raw), str(tmp_path / "original"), PrepareOptions(images_per_shard=2))
+    resized = prepare_dataset(str(raw), str(tmp_path / "resized"), PrepareOptions(images_per_shard=2, resize_to=32))
+    assert original["resized_to"] is None and resized["resized_to"] == 32
+    assert "resized to 32x32" in summarize(resized)
+
+    def images(out):
+        spec = pipeline.PipelineSpec(data_dir=str(out), split="train", image_size=32, captions_per_image=1,
+                                     max_len=resized["max_len"], global_batch_size=4)
+        found = {}
+        for r in tf.data.TFRecordDataset(pipeline.shard_files(load_manifest(str(out)), spec)):
+            ex = records.parse_example(r)
+            found[ex["image_id"].numpy()] = (tf.io.decode_jpeg(ex["jpeg"]).shape,
+                                             pipeline.decode_image_uint8(ex["jpeg"], 32).numpy().astype(float))
+        return found
+
+    a, b = images(tmp_path / "original"), images(tmp_path / "resized")
+    for image_id, (shape, pixels) in a.items():
+        assert shape == (75, 100, 3) and b[image_id][0] == (32, 32, 3)
+        assert np.abs(pixels - b[image_id][1]).mean() < 2.0  # the same pixels, up to the JPEG re-encoding
+    with pytest.raises(ConfigError, match="resize_to"):
+        prepare_dataset(str(raw), str(tmp_path / "bad"), PrepareOptions(resize_to=-1))

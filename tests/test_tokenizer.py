@@ -125,3 +125,18 @@ def test_vocabulary_of_older_word_splitting_rules_is_refused_for_encoding(tmp_pa
     with pytest.raises(DataError, match="vocab.json"):
         old.check_rules(str(tmp_path / "vocab.json"))
     tok.check_rules("fresh")  # current rules: no error
+
+
+def test_default_max_len_covers_999_in_1000_captions_so_one_run_on_caption_does_not_set_it():
+    from showtell_dist.data.tokenizer import default_max_len
+
+    assert default_max_len([5] * 998 + [400]) == 402  # under 1000 captions: the longest
+    assert default_max_len([5] * 1999 + [400]) == 7
+    assert default_max_len([5] * 1997 + [400] * 3) == 402  # 3 in 2000 is more than 0.1%
+    captions = ["a dog runs on the grass"] * 1999 + [" ".join(["word"] * 400)]
+    tok = Tokenizer.fit(captions)
+    assert tok.max_len == 8
+    ids, cut = tok.encode_words(["word"] * 400)
+    assert cut and len(ids) == 8
+    assert Tokenizer.fit(captions, max_len=50).max_len == 50  # an explicit max_len wins
+    assert Tokenizer.fit(captions, max_len=500).max_len == 402  # never beyond the longest caption

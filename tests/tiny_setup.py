@@ -30,6 +30,7 @@ def tiny_config(records_dir: str, **train_overrides):
     c.data.source_dir = records_dir
     c.data.generate_synthetic = False
     c.data.shuffle_buffer = 16
+    c.data.deterministic_input = True  # exact streams: resumed and uninterrupted runs compare equal
     c.model.image_size = 32
     c.model.units = 16
     c.model.embed_dim = 8
@@ -40,6 +41,7 @@ def tiny_config(records_dir: str, **train_overrides):
     c.train.warmup_steps = 2
     c.train.checkpoint_every = 0
     c.train.eval_every = 0
+    c.train.summary_images = 0  # TensorBoard caption samples cost ~2 s a run; their tests turn them on
     c.demo.num_examples = 0
     for k, v in train_overrides.items():
         setattr(c.train, k, v)

@@ -40,7 +40,10 @@ item is recorded in `CaptionCorpus.skipped` with its reason:
                                        the file's "images" (one item per id)
 
 Captions are kept as written apart from stripping surrounding whitespace;
-duplicate captions are real data and are kept.
+duplicate captions are real data and are kept. A hand-made captions.csv row
+with unquoted commas in its caption ("a.jpg,A dog, running .") has more than
+two fields: its first field is the image and the rest, joined by commas, the
+caption; such rows are listed in `CaptionCorpus.joined_rows` ("file:line").
 """
 
 import codecs
@@ -120,6 +123,8 @@ class CaptionCorpus:
     source: str  # "<layout>:<input_dir>"
     splits: dict[str, list[ImageEntry]]  # split name -> entries in input order
     skipped: list[SkippedItem]
+    # "file:line" of each captions.csv row whose unquoted commas made extra fields, joined back.
+    joined_rows: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -132,6 +137,7 @@ class _Parsed:
     # Split name -> image ids in listed order (may repeat within and across splits).
     splits: dict[str, list[str]]
     skipped: list[SkippedItem]  # empty captions, unknown COCO images
+    joined_rows: list[str] = dataclasses.field(default_factory=list)  # see CaptionCorpus
 
 
 def read_corpus(
@@ -210,8 +216,9 @@ def _detect_layout(input_dir: str, names: set[str]) -> str:
 def _read_tutorial(input_dir: str, names: set[str], image_dir: str | None) -> _Parsed:
     """Reads captions.csv, {split}_split_filenames.txt and images/."""
     skipped: list[SkippedItem] = []
+    joined_rows: list[str] = []
     captions_path = posixpath.join(input_dir, _TUTORIAL_CAPTIONS)
-    captions = _parse_captions_csv(captions_path, _read_text(captions_path, "tutorial"), skipped)
+    captions = _parse_captions_csv(captions_path, _read_text(captions_path, "tutorial"), skipped, joined_rows)
     split_files = sorted(
         name for name in names
         if name.endswith(_TUTORIAL_SPLIT_SUFFIX) and len(name) > len(_TUTORIAL_SPLIT_SUFFIX)
@@ -232,6 +239,7 @@ def _read_tutorial(input_dir: str, names: set[str], image_dir: str | None) -> _P
         captions=captions,
         splits=splits,
         skipped=skipped,
+        joined_rows=joined_rows,
     )
 
 
@@ -428,7 +436,7 @@ def _assemble(source: str, parsed: _Parsed) -> CaptionCorpus:
         for image_id in parsed.captions
         if image_id not in assigned
     )
-    return CaptionCorpus(source=source, splits=splits, skipped=skipped)
+    return CaptionCorpus(source=source, splits=splits, skipped=skipped, joined_rows=list(parsed.joined_rows))
 
 
 def _existing_images(image_dir: str, image_ids: Iterable[str]) -> set[str]:
@@ -520,8 +528,14 @@ def _add_caption(
         skipped.append(SkippedItem(location, "empty caption"))
 
 
-def _parse_captions_csv(path: str, text: str, skipped: list[SkippedItem]) -> dict[str, list[str]]:
-    """Parses the tutorial's captions.csv: header "image,caption", then one row per caption."""
+def _parse_captions_csv(path: str, text: str, skipped: list[SkippedItem],
+                        joined_rows: list[str]) -> dict[str, list[str]]:
+    """Parses the tutorial's captions.csv: header "image,caption", then one row per caption.
+
+    A row of more than two fields is a caption with unquoted commas: the fields
+    after the first are joined by commas into the caption and the row's
+    "path:line" is appended to `joined_rows`.
+    """
     captions: dict[str, list[str]] = {}
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     row_start = 1  # line on which the next row starts
@@ -547,12 +561,14 @@ def _parse_captions_csv(path: str, text: str, skipped: list[SkippedItem]) -> dic
             continue
         if not row:  # a blank line
             continue
-        if len(row) != 2:
+        if len(row) < 2:
             raise DataError(
                 f"{path}:{line}: expected 2 fields (image,caption), got {len(row)}; "
-                'put captions containing commas in double quotes: img.jpg,"A dog, running ."'
+                "add the caption after a comma, or delete the row."
             )
-        image_id, caption = row[0].strip(), row[1]
+        if len(row) > 2:
+            joined_rows.append(f"{path}:{line}")
+        image_id, caption = row[0].strip(), ",".join(row[1:])
         if not image_id:
             raise DataError(f"{path}:{line}: empty image file name; fill it in or delete the row.")
         if "\n" in caption or "\r" in caption:

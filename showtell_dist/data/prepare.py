@@ -34,9 +34,10 @@ import tensorflow as tf
 
 from showtell_dist.data import images as images_lib
 from showtell_dist.data import layouts
+from showtell_dist.data import pipeline
 from showtell_dist.data import records
-from showtell_dist.data.tokenizer import Tokenizer
-from showtell_dist.errors import DataError
+from showtell_dist.data.tokenizer import DEFAULT_MAX_LEN_QUANTILE, Tokenizer
+from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.reward.cider_d import KEY_BASE, DocumentFrequencies, word_ids_np
 
 MANIFEST = "manifest.json"
@@ -56,13 +57,24 @@ class PrepareOptions:
     max_len: int | None = None
     images_per_shard: int = 1000
     num_workers: int = 8
+    # > 0: store every image resized to resize_to x resize_to exactly as training resizes it
+    # (pipeline.resize_image), re-encoded as JPEG: training then decodes small JPEGs and skips the resize.
+    resize_to: int = 0
+    jpeg_quality: int = 95
 
 
 def _md5_base64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
-def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: dict[str, list[list[int]]]):
+def resized_jpeg(jpeg: bytes, size: int, quality: int = 95) -> bytes:
+    """An RGB JPEG resized to [size, size] exactly as the training pipeline resizes it, re-encoded."""
+    image = pipeline.decode_image_uint8(tf.constant(jpeg), size)  # [size, size, 3] uint8
+    return tf.io.encode_jpeg(image, quality=quality, chroma_downsampling=False).numpy()
+
+
+def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: dict[str, list[list[int]]],
+                 options: PrepareOptions):
     """Writes one shard atomically. Returns (shard info, skipped items)."""
     skipped, serialized, num_captions = [], [], 0
     for entry in entries:
@@ -71,6 +83,9 @@ def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: di
         except images_lib.ImageError as exc:
             skipped.append(layouts.SkippedItem(entry.image_id, exc.reason))
             continue
+        if options.resize_to:
+            jpeg = resized_jpeg(jpeg, options.resize_to, options.jpeg_quality)
+            height = width = options.resize_to
         serialized.append(records.encode_example(entry.image_id, jpeg, height, width,
                                                  token_ids[entry.image_id], entry.captions))
         num_captions += len(entry.captions)
@@ -114,6 +129,8 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
                     progress=None) -> dict:
     """Prepares `input_dir` into `output_dir`; returns the manifest dict."""
     options = options or PrepareOptions()
+    if isinstance(options.resize_to, bool) or not isinstance(options.resize_to, int) or options.resize_to < 0:
+        raise ConfigError(f"resize_to must be an integer >= 0 (0: keep the original size), got {options.resize_to!r}.")
     corpus = layouts.read_corpus(input_dir, layout=options.layout, image_dir=options.image_dir)
     if "train" not in corpus.splits or not corpus.splits["train"]:
         raise DataError(f"{input_dir}: no 'train' split with images was found "
@@ -127,13 +144,16 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     order = [(split, e) for split, entries in corpus.splits.items() for e in entries]
     all_words = tokenizer.split_words([c for _, e in order for c in e.captions])
     token_ids: dict[str, list[list[int]]] = {}
-    truncated, pos = 0, 0
-    for _, e in order:
+    truncated = {split: 0 for split in corpus.splits}  # captions cut to max_len
+    longest_train, pos = 0, 0
+    for split, e in order:
         ids = []
         for words in all_words[pos: pos + len(e.captions)]:
             encoded, cut = tokenizer.encode_words(words)
             ids.append(encoded)
-            truncated += cut
+            truncated[split] += cut
+            if split == "train":
+                longest_train = max(longest_train, len(words) + 2)
         pos += len(e.captions)
         token_ids[e.image_id] = ids
 
@@ -148,7 +168,8 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     skipped = list(corpus.skipped)
     shards: dict[str, list[dict]] = {split: [] for split in corpus.splits}
     with concurrent.futures.ThreadPoolExecutor(max_workers=options.num_workers) as pool:
-        futures = {pool.submit(_write_shard, path, chunk, token_ids): split for split, path, chunk in jobs}
+        futures = {pool.submit(_write_shard, path, chunk, token_ids, options): split
+                   for split, path, chunk in jobs}
         for fut in concurrent.futures.as_completed(futures):
             info, shard_skipped = fut.result()
             shards[futures[fut]].append(info)
@@ -174,7 +195,17 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
                        "tokenizer_rules": tokenizer.rules},
         "max_len": tokenizer.max_len,
         "cider_document_frequencies": document_frequencies,
-        "truncated_captions": truncated,
+        # How max_len was chosen, and what it cut: --max_len, or the 99.9th percentile of train lengths.
+        "max_len_from": ("max_len option" if options.max_len else
+                         f"{DEFAULT_MAX_LEN_QUANTILE:.1%} of train captions (the default)"),
+        "longest_train_caption": longest_train,  # in tokens, <start> and <end> included
+        "truncated_captions": sum(truncated.values()),
+        "truncated_by_split": truncated,
+        # captions.csv rows with unquoted commas, read as image + the rest joined (layouts.py).
+        "joined_rows": len(corpus.joined_rows),
+        "joined_row_locations": corpus.joined_rows,
+        # None: images at their original size; N: resized to N x N as training resizes them.
+        "resized_to": options.resize_to or None,
         "splits": splits,
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
@@ -221,10 +252,21 @@ def load_manifest(data_dir: str) -> dict:
 def summarize(manifest: dict) -> str:
     """A few human-readable lines about a prepared dataset."""
     lines = [f"source: {manifest['source']}",
+             "images: " + (f"resized to {manifest['resized_to']}x{manifest['resized_to']}"
+                           if manifest.get("resized_to") else "original size"),
              f"vocabulary: {manifest['vocabulary']['size']} ids (fitted on train), max_len {manifest['max_len']}"
-             f", captions cut to max_len: {manifest['truncated_captions']}"]
+             + (f" (from the {manifest['max_len_from']}; longest train caption "
+                f"{manifest['longest_train_caption']})" if "max_len_from" in manifest else "")
+             + f", captions cut to max_len: {manifest['truncated_captions']}"
+             + (" (" + ", ".join(f"{s} {n}" for s, n in manifest["truncated_by_split"].items()) + ")"
+                if manifest.get("truncated_captions") and "truncated_by_split" in manifest else "")]
     for split, s in manifest["splits"].items():
         lines.append(f"{split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    joined = manifest.get("joined_rows", 0)
+    if joined:
+        where = manifest.get("joined_row_locations", [])
+        lines.append(f"captions.csv rows with unquoted commas, read as image + the rest as caption: {joined} "
+                     f"(e.g. {', '.join(where[:3])}; listed in manifest.json joined_row_locations)")
     reasons: dict[str, int] = {}
     for item in manifest["skipped"]:
         reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
@@ -239,7 +281,8 @@ def options_from_config(config) -> PrepareOptions:
     return PrepareOptions(layout=config.data.layout, image_dir=config.data.image_dir or None,
                           lang=tok.lang, spacy_model=tok.spacy_model or None, min_count=tok.min_count,
                           vocab_size=tok.vocab_size or None, max_len=tok.max_len or None,
-                          images_per_shard=config.data.images_per_shard)
+                          images_per_shard=config.data.images_per_shard,
+                          resize_to=int(config.data.get("resize_to", 0) or 0))
 
 
 def ensure_prepared(config, log=print) -> dict:

@@ -18,9 +18,11 @@ The vocabulary is fitted on training captions only. Ids:
     3 <unk>   any word outside the vocabulary
     4...      words by decreasing training count (ties alphabetical)
 
-`max_len` is the length of the longest encoded training caption, counting
-every word plus <start> and <end>, unless a smaller cap is configured; longer
-captions are cut to `max_len - 1` tokens and closed with <end>.
+`max_len` is the encoded length (every word plus <start> and <end>) that
+covers 99.9% of the training captions (`DEFAULT_MAX_LEN_QUANTILE`), so that a
+few run-on captions do not pad every batch to their length; a configured
+max_len replaces it (capped at the longest training caption). Longer captions
+are cut to `max_len - 1` tokens and closed with <end>; prepare counts them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -37,6 +40,9 @@ from showtell_dist.errors import ConfigError, DataError
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+
+# The default max_len covers this fraction of the training captions' lengths.
+DEFAULT_MAX_LEN_QUANTILE = 0.999
 
 _FORMAT = "showtell_dist.vocabulary"
 _FORMAT_VERSION = 1
@@ -161,6 +167,18 @@ def _load_ptb_compatible(lang: str, spacy_model: str | None):
     return ptb_compatible(_load_spacy(lang, spacy_model))
 
 
+def default_max_len(word_counts: Sequence[int], quantile: float = DEFAULT_MAX_LEN_QUANTILE) -> int:
+    """Encoded length (+2 for <start> and <end>) covering `quantile` of captions of these word counts.
+
+    The smallest length L such that at least that fraction of the captions has
+    at most L - 2 words: with fewer than 1000 captions, the longest one's.
+    """
+    if not word_counts:
+        raise DataError("no captions to choose max_len from")
+    ordered = sorted(word_counts)
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)] + 2
+
+
 @dataclasses.dataclass
 class Tokenizer:
     """Maps captions to token ids and back. Build with `fit` or `load`."""
@@ -243,8 +261,8 @@ class Tokenizer:
           train_captions: every training caption (raw text).
           min_count: words seen fewer times than this become <unk>.
           vocab_size: cap on the number of ids including the 4 special tokens.
-          max_len: cap on encoded length; by default the longest training
-            caption's word count + 2.
+          max_len: cap on encoded length (words + <start> + <end>); by default
+            `default_max_len` of the training captions: their 99.9th percentile.
         """
         if not train_captions:
             raise DataError("no training captions to fit the vocabulary on: the train split is empty")
@@ -263,7 +281,7 @@ class Tokenizer:
         if max_len is not None and max_len < 3:
             raise ConfigError(f"max_len must be >= 3 (<start>, a word, <end>), got {max_len}")
         tok = cls(words=list(SPECIAL_TOKENS) + ranked,
-                  max_len=min(longest, max_len) if max_len else longest,
+                  max_len=min(longest, max_len) if max_len else default_max_len([len(w) for w in split]),
                   lang=lang, spacy_model=spacy_model, min_count=min_count, vocab_size_cap=vocab_size)
         tok._nlp = probe._nlp
         return tok

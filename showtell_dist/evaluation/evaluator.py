@@ -397,12 +397,14 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
                    max_images: int | None = None, batch_size: int | None = None,
                    length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
                    block_trigrams: bool = False, use_meteor: bool = True, report_images: int = 10,
-                   progress: bool = True, decoder: SplitDecoder | None = None) -> dict:
+                   progress: bool = True, decoder: SplitDecoder | None = None,
+                   selection: dict | None = None) -> dict:
     """Captions a split, scores it and writes metrics.json, captions.json and report.html to output_dir.
 
     `trained` may be an ensemble (a list of TrainedModels); `decoder` a SplitDecoder built before (its
     options are then used). Under a multi-worker strategy every worker must call this; the chief writes the
     files and returns the summary, the others return {}.
+    selection: the run's model_dir/best/selection.json, whose val history report.html draws as curves.
 
     Returns the metrics.json content: {"metrics": {name: score}, "split", "num_images", "beam_width",
     "length_normalization", "alpha", "remove_bad_endings", "block_trigrams", "checkpoint", "step" (lists for
@@ -458,6 +460,8 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
-        f.write(report.render_report(summary, best, worst, jpegs))
+        stats = report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
+                                          vocabulary=trained.tokenizer.words, split_words=trained.tokenizer.split_words)
+        f.write(report.render_report(summary, best, worst, jpegs, selection=selection, statistics=stats))
     _write_json(files[METRICS_FILE], summary)
     return summary

@@ -28,14 +28,15 @@ def _join(directory: str, name: str) -> str:
 
 
 def _shard_batches(path: str, num_records: int, global_batch: int, image_size: int) -> tf.data.Dataset:
-    """{"index" [batch] int64 (-1: padding), "images" [batch, size, size, 3]} in record order, static shapes."""
+    """{"index" [batch] int64 (-1: padding), "images" [batch, size, size, 3] uint8} in record order, static
+    shapes, numbers only (they go whole into strategy.run)."""
     def decode(index, serialized):
         return {"index": index,
-                "images": pipeline.decode_image(records.parse_example(serialized)["jpeg"], image_size)}
+                "images": pipeline.decode_image_uint8(records.parse_example(serialized)["jpeg"], image_size)}
 
     ds = tf.data.TFRecordDataset(path).enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                                          deterministic=True)
-    padding = {"index": tf.constant(-1, tf.int64), "images": tf.zeros([image_size, image_size, 3])}
+    padding = {"index": tf.constant(-1, tf.int64), "images": tf.zeros([image_size, image_size, 3], tf.uint8)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat((-num_records) % global_batch))
     return ds.batch(global_batch, drop_remainder=True).prefetch(2)
 
@@ -101,7 +102,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     dim = int(encoder.output_shape[-1])
 
     def replica_fn(b):
-        return b["index"], encoder(b["images"], training=False)
+        return b["index"], encoder(tf.cast(b["images"], tf.float32), training=False)
 
     @tf.function
     def encode(batch):

@@ -96,7 +96,8 @@ class ShowAndTell(keras.Model):
         return self
 
     def encode(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """[batch, H, W, 3] 0..255 -> [batch, feature_dim]."""
+        """[batch, H, W, 3] 0..255 (uint8 from the input pipelines, or float) -> [batch, feature_dim]."""
+        images = tf.cast(images, tf.float32)  # on the device: the host sends a quarter of the bytes
         # A frozen encoder always runs in inference mode (batch-norm statistics fixed).
         return self.encoder(images, training=training and self.encoder_trainable)
 
@@ -132,11 +133,12 @@ class ShowAndTell(keras.Model):
             x = tf.gather_nd(x, positions)  # [n, units]
         return self.logits(self.out_dropout(x, training=training, seed=dropout_seed))
 
-    def decode_step(self, tokens: tf.Tensor, state):
-        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c)."""
+    def decode_step(self, tokens: tf.Tensor, state, dropout_seed=None):
+        """One step for every row: tokens [rows], (h, c) -> logits [rows, vocab], (h, c).
+        With dropout_seed ([2] int) the output dropout applies (self-critical sampling may use it)."""
         x = self.embedding(tokens)
         h, (h, c) = self.lstm.cell(x, list(state), training=False)
-        return self.logits(h), (h, c)
+        return self.logits(self.out_dropout(h, training=dropout_seed is not None, seed=dropout_seed)), (h, c)
 
     def call(self, inputs, training=False, dropout_seed=None):
         """(images [batch, H, W, 3], tokens [batch, time]) -> logits [batch, time, vocab]."""

@@ -16,8 +16,8 @@ bigrams (max(words - 1, 0)), the norms are taken before clipping, and the
 quotient is left undivided when a norm is 0 (its numerator is then 0 too).
 
 The document-frequency lookup is a binary search in a sorted int64 table
-(`_lower_bound`). Document frequencies (`DocumentFrequencies`) count, for each n-gram, the
-images (reference sets) whose references contain it, and `log_num_docs` is
+(`_lower_bound`). Document frequencies (`DocumentFrequencies`) count, for
+each n-gram, the images (reference sets) whose references contain it, and `log_num_docs` is
 the log of the number of images: pycocoevalcap's `document_frequency` and
 `ref_len`. pycocoevalcap computes them from the references of the set being
 scored; for a training reward they come from the training split
@@ -269,7 +269,8 @@ def cider_d(candidates: tf.Tensor, references: tf.Tensor, df: DocumentFrequencie
     """coco-caption CIDEr-D of each candidate against its references, in the graph.
 
     Args:
-      candidates: [n, Tc] int word ids, left-aligned and 0-padded (see `word_ids`).
+      candidates: [n, Tc] int word ids, left-aligned and 0-padded (see `word_ids`);
+        every id < KEY_BASE (check the vocabulary once with `check_vocabulary_fits`).
       references: [n, R, Tr] int word ids, 0-padded; an all-zero row is a
         missing reference and is left out of the mean over references.
       df: the document frequencies (and number of images) giving the idf.

@@ -24,6 +24,8 @@ def train_references(data_dir: str, manifest: dict) -> list[list[list[int]]]:
     refs = []
     for shard in manifest["splits"]["train"]["shards"]:
         path = f"{data_dir.rstrip('/')}/{shard['file']}"
+        if not tf.io.gfile.exists(path):
+            raise DataError(f"{path}, listed in {data_dir}'s manifest, does not exist; prepare the data again.")
         for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
             feature = tf.train.Example.FromString(serialized).features.feature
             ids = list(feature["caption/token_ids"].int64_list.value)

@@ -21,6 +21,7 @@ import json
 import ml_collections
 import tensorflow as tf
 
+from showtell_dist.config_validation import validate_config
 from showtell_dist.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -43,7 +44,10 @@ def read_config(model_dir: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path} does not exist: {model_dir} is not a model directory written by "
                           "launch/train.py.")
     with tf.io.gfile.GFile(path) as f:
-        return ml_collections.ConfigDict(json.loads(f.read()))
+        config = ml_collections.ConfigDict(json.loads(f.read()))
+    # A hand-edited config.json fails here, not mid-decoding.
+    validate_config(config, source=path, fix="Restore the values the run was trained with.")
+    return config
 
 
 def _eval_section(config):

@@ -29,7 +29,7 @@ import tensorflow as tf
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import beam_search, greedy_decode
+from showtell_dist.decoding.beam_search import beam_search, check_decode_options, greedy_decode
 from showtell_dist.distribute.strategy import is_chief
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.run_dir import eval_options
@@ -112,6 +112,7 @@ class CaptionSummaries:
                 "written to TensorBoard.")
             return
         self.options = eval_options(exp.config)
+        check_decode_options(**self.options)  # before step 1, not at the first validation
         data_dir = feature_cache.data_dir_of(exp.config)
         examples = _first_examples(data_dir, exp.manifest, "val", n)
         self.from_features = pipeline.feature_dim(exp.manifest) is not None

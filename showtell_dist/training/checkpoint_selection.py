@@ -81,8 +81,9 @@ class CheckpointSelector:
     def best(self) -> dict | None:
         return self.selection["best"] if self.enabled else None
 
-    def __call__(self, step: int, log=None) -> dict | None:
-        """Scores the current weights on val; saves them into best/ when they beat the best so far."""
+    def __call__(self, step: int, log=None, phase: str = "xe") -> dict | None:
+        """Scores the current weights on val; saves them into best/ when they beat the best so far.
+        phase: the run's phase at `step` (training/phases.py), recorded with the scores."""
         if not self.enabled:
             return None
         done = [h["metrics"] for h in self.selection["history"] if h["step"] == step]
@@ -105,13 +106,13 @@ class CheckpointSelector:
             self._references = {i: e["references"] for i, e in refs.items()}
         corpus, _ = score_captions({r["image_id"]: r["caption"] for r in results}, self._references,
                                    use_meteor=False)
-        self.selection["history"].append({"step": step, "metrics": corpus})
+        self.selection["history"].append({"step": step, "phase": phase, "metrics": corpus})
         best = self.selection["best"]
         improved = best is None or corpus[self.metric] > best["value"]
         if improved:
             prefix = self.manager.save(checkpoint_number=step)
-            self.selection["best"] = {"step": step, "value": corpus[self.metric], "checkpoint": prefix,
-                                      "metrics": corpus}
+            self.selection["best"] = {"step": step, "phase": phase, "value": corpus[self.metric],
+                                      "checkpoint": prefix, "metrics": corpus}
         if self.chief:
             from showtell_dist.data.prepare import write_json_atomically
 
@@ -141,4 +142,4 @@ def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = feature_cache.data_dir_of(trained.config)
     return evaluate_split(trained, data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
-                          progress=progress, **eval_options(trained.config))
+                          progress=progress, selection=read_selection(model_dir), **eval_options(trained.config))

@@ -8,6 +8,12 @@ SIGTERM and at the end, and evaluates the validation loss every `eval_every`
 steps and at the end. With eval.select_metric set it also captions the
 validation split then and keeps the best-scoring checkpoint in model_dir/best
 (checkpoint_selection.py).
+
+A run may chain phases (phases.py): config.phases = "xe,scst" trains with
+cross-entropy (config.train) and then self-critically (config.scst), in one
+global step counter, a new optimizer per phase, and selection across both.
+config.init_checkpoint starts a new run from another run's weights (e.g.
+runs/x/best).
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
+from showtell_dist.run.run_dir import best_checkpoint
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
+from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
-from showtell_dist.training.trainer import Trainer
+from showtell_dist.training.trainer import RunState, Trainer
+from showtell_dist.training.weight_average import make_average_variables
 
 
 @dataclasses.dataclass
@@ -45,16 +54,61 @@ class Experiment:
     manifest: dict
     tokenizer: Tokenizer
     model: ShowAndTell
-    trainer: Trainer
+    trainer: Trainer  # the current phase's
     checkpoint: tf.train.Checkpoint
+    phase: Phase
+    run_state: RunState
 
 
-def pipeline_spec(config, manifest: dict, split: str) -> pipeline.PipelineSpec:
+def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None) -> pipeline.PipelineSpec:
+    """The input of `split`; for training, that of `phase` (its batch size; its own shuffle seed)."""
+    batch = phase.section.global_batch_size if phase else config.train.global_batch_size
     return pipeline.PipelineSpec(
         data_dir=feature_cache.data_dir_of(config), split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
-        global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-        shuffle_buffer=config.data.shuffle_buffer)
+        global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
+        shuffle_buffer=config.data.shuffle_buffer,
+        caption_buckets=pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0)),
+        deterministic=config.data.get("deterministic_input", True))
+
+
+def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model, run_state: RunState,
+                  log=print) -> Trainer:
+    """The trainer of a phase: a new optimizer over the run's model, step and weight average."""
+    policy = keras.mixed_precision.global_policy().name  # set by build_experiment (resolve_precision)
+    common = dict(mixed_precision=None if policy == "float32" else policy, jit_compile=config.train.jit_compile,
+                  run_state=run_state, seed=config.train.seed)
+    if phase.name == "xe":
+        return Trainer(strategy, model, config.train, **common)
+    from showtell_dist.reward.cider_d import check_vocabulary_fits
+    from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
+    from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+
+    check_vocabulary_fits(model.logits.units)
+    # The train split's references: the reward of the dataset the run trains from (records or features).
+    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
+    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df),
+                               seed=config.train.seed + phase.index, **common)
+
+
+def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
+    """Makes `phase` the experiment's current phase: its trainer, and its optimizer in the checkpoint."""
+    if phase is exp.phase:
+        return
+    exp.trainer = build_trainer(exp.config, phase, strategy, exp.model, exp.run_state, log)
+    exp.checkpoint.optimizer = exp.trainer.optimizer
+    exp.phase = phase
+
+
+def _describe(phase: Phase, num_phases: int) -> str:
+    s = phase.section
+    text = (f"phase {phase.index + 1}/{num_phases} '{phase.name}': global steps {phase.start}..{phase.end} "
+            f"({phase.steps} steps of {s.global_batch_size} images), learning rate {s.learning_rate:g} "
+            f"(warm-up {s.warmup_steps}, final ratio {s.final_lr_ratio:g}), new optimizer")
+    if phase.name == "scst":
+        text += (f"; {s.samples_per_image} samples per image up to {s.max_len} tokens, baseline {s.baseline}, "
+                 f"temperature {s.temperature:g}, dropout {'on' if s.dropout else 'off'}, xe_weight {s.xe_weight:g}")
+    return text
 
 
 def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
@@ -62,9 +116,11 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     kind = device_kind(strategy)
     policy = resolve_precision(config.train.mixed_precision, kind,
                                cpu_fast_bf16=kind == "cpu" and cpu_has_fast_bf16())
-    if config.train.global_batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"global_batch_size {config.train.global_batch_size} is not divisible by the "
-                          f"{strategy.num_replicas_in_sync} replicas of the strategy.")
+    phases = phases_of(config)
+    for phase in phases:
+        if phase.section.global_batch_size % strategy.num_replicas_in_sync:
+            raise ConfigError(f"{phase.name} phase: global_batch_size {phase.section.global_batch_size} is not "
+                              f"divisible by the {strategy.num_replicas_in_sync} replicas of the strategy.")
     # Image records, or the encoder's features cached from them (config.data.features_dir).
     data_dir = feature_cache.data_dir_of(config)
     manifest = load_manifest(data_dir)
@@ -81,19 +137,86 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         model = build_model(config.model, tokenizer.vocab_size,
                             use_cudnn=resolve_use_cudnn(kind, config.train.jit_compile))
     feature_cache.check_feature_dim(manifest, model, data_dir)
-    trainer = Trainer(strategy, model, config.train, mixed_precision=None if policy == "float32" else policy,
-                      jit_compile=config.train.jit_compile)
-    extra = {"weight_average": trainer.weight_average.averages} if trainer.weight_average else {}
+    run_state = RunState.create(strategy, model, config.train.get("weight_average_decay", 0.0))
+    trainer = build_trainer(config, phases[0], strategy, model, run_state)
+    extra = {"weight_average": run_state.weight_average.averages} if run_state.weight_average else {}
     # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=trainer.step, **extra)
-    return Experiment(config, manifest, tokenizer, model, trainer, checkpoint)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step, **extra)
+    return Experiment(config, manifest, tokenizer, model, trainer, checkpoint, phases[0], run_state)
 
 
-def _checkpoint_dir(model_dir: str, strategy) -> str:
+def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
+    """The run's checkpoint without the optimizer: what carries over from one phase to the next."""
+    extra = {"weight_average": exp.run_state.weight_average.averages} if exp.run_state.weight_average else {}
+    return tf.train.Checkpoint(model=exp.model, step=exp.run_state.step, **extra)
+
+
+def _resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix, a directory of checkpoints (e.g. runs/x/best) or a model_dir."""
+    path = path.rstrip("/")
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if tf.io.gfile.isdir(path):
+        found = (tf.train.latest_checkpoint(path) or
+                 (best_checkpoint(path) if tf.io.gfile.exists(f"{path}/config.json") else None) or
+                 tf.train.latest_checkpoint(f"{path}/checkpoints"))
+        if found:
+            return found
+    raise ConfigError(f"init_checkpoint {path!r} is neither a checkpoint prefix (no {path}.index) nor a directory "
+                      "holding checkpoints; pass e.g. runs/x/best or runs/x/checkpoints/ckpt-3500.")
+
+
+def load_init_checkpoint(exp: Experiment, path: str, log=print) -> None:
+    """Starts the run from another run's weights: the moving average of them when that run kept one
+    (what its evaluation and selection used), else its raw weights. Step and optimizer start afresh."""
+    prefix = _resolve_checkpoint(path)
+    try:
+        tf.train.Checkpoint(model=exp.model).restore(prefix).expect_partial().assert_existing_objects_matched()
+        averaged = any(name.startswith("weight_average/") for name, _ in tf.train.list_variables(prefix))
+        if averaged:
+            averages = make_average_variables(exp.model.trainable_variables)
+            tf.train.Checkpoint(weight_average=averages).restore(prefix).expect_partial() \
+                .assert_existing_objects_matched()
+            for v, average in zip(exp.model.trainable_variables, averages):
+                v.assign(average.read_value())
+    except (ValueError, AssertionError, tf.errors.OpError) as exc:
+        raise ConfigError(f"init_checkpoint {prefix} does not fit this run's model (another model config or "
+                          f"vocabulary?): {exc}") from exc
+    if exp.run_state.weight_average is not None:
+        for average, v in zip(exp.run_state.weight_average.averages, exp.model.trainable_variables):
+            average.assign(tf.convert_to_tensor(v))
+    log(f"initialised the model from {prefix}" + (" (its moving average of the weights)" if averaged else ""))
+
+
+def _restore(exp: Experiment, phases: list[Phase], prefix: str, strategy, log) -> None:
+    """Restores a checkpoint of this run into the phase it belongs to."""
+    step = int(tf.train.load_variable(prefix, "step/.ATTRIBUTES/VARIABLE_VALUE"))
+    phase = phase_at(phases, step)
+    start_phase(exp, phase, strategy, log)
+    if step == phase.start and phase.index > 0:
+        # Saved at the end of the previous phase: its optimizer is not this phase's, which starts afresh.
+        _weights_checkpoint(exp).restore(prefix).expect_partial().assert_existing_objects_matched()
+    else:
+        exp.checkpoint.restore(prefix).assert_existing_objects_matched()
+
+
+def _checkpoint_dir(model_dir: str) -> str:
+    """The chief's checkpoints: what every worker restores from."""
+    return f"{model_dir}/checkpoints"
+
+
+def _save_dir(model_dir: str, strategy) -> str | None:
+    """None on the chief (it saves into _checkpoint_dir); on other workers a scratch dir: they must
+    save too (the save is collective), and delete their copy right after (_save)."""
     if is_chief(strategy):
-        return f"{model_dir}/checkpoints"
-    # Other workers must save too (the save is collective) but into a scratch dir.
+        return None
     return f"{model_dir}/checkpoints_worker_{strategy.cluster_resolver.task_id}"
+
+
+def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | None) -> None:
+    manager.save(checkpoint_number=step)
+    if scratch_dir and tf.io.gfile.exists(scratch_dir):
+        tf.io.gfile.rmtree(scratch_dir)
 
 
 def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
@@ -114,22 +237,23 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     chief = is_chief(strategy)
     exp = build_experiment(config, strategy)
     prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
-    manager = tf.train.CheckpointManager(exp.checkpoint, _checkpoint_dir(model_dir, strategy),
+    scratch_dir = _save_dir(model_dir, strategy)
+    manager = tf.train.CheckpointManager(exp.checkpoint, scratch_dir or _checkpoint_dir(model_dir),
                                          max_to_keep=config.train.keep_checkpoints)
     selector = CheckpointSelector(exp, strategy, model_dir, log=log)  # checks Java etc. before step 1
-    if manager.latest_checkpoint:
-        exp.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        log(f"resumed from {manager.latest_checkpoint} at step {exp.trainer.current_step()}")
+    phases = phases_of(config)
+    latest = tf.train.latest_checkpoint(_checkpoint_dir(model_dir))  # every worker resumes from the chief's
+    if latest:
+        _restore(exp, phases, latest, strategy, log)
+        log(f"resumed from {latest} at step {exp.trainer.current_step()} ({exp.phase.name} phase)")
+    elif config.get("init_checkpoint", ""):
+        load_init_checkpoint(exp, config.init_checkpoint, log)
     start = exp.trainer.current_step()
     selector.resume_at(start)
     caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
-    total = config.train.steps
-    spec = pipeline_spec(config, exp.manifest, "train")
-    dataset = strategy.distribute_datasets_from_function(pipeline.train_input_fn(exp.manifest, spec, start))
-    iterator = iter(dataset)
+    total = phases[-1].end
     writer = tf.summary.create_file_writer(f"{model_dir}/train") if chief else tf.summary.create_noop_writer()
     eval_writer = tf.summary.create_file_writer(f"{model_dir}/eval") if chief else tf.summary.create_noop_writer()
-    captions_per_step = config.train.global_batch_size * config.data.captions_per_image
     metrics: dict = {"step": start}
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
                mininterval=2.0, dynamic_ncols=True)
@@ -142,9 +266,20 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
 
     step = start
     end = min(total, stop_at_step) if stop_at_step else total
-    with PreemptionWatcher() as preemption:
+    iterator = None
+    with PreemptionWatcher(strategy) as preemption:
         while step < end:
-            n = min(config.train.steps_per_loop, end - step)
+            if iterator is None or step == exp.phase.end:
+                # A phase starts (or resumes): its trainer, and its input stream where it left off.
+                start_phase(exp, phase_at(phases, step), strategy, loop_log)
+                if len(phases) > 1:
+                    loop_log(_describe(exp.phase, len(phases)) + (f"; resumed at step {step}"
+                                                                  if step > exp.phase.start else ""))
+                spec = pipeline_spec(config, exp.manifest, "train", exp.phase)
+                iterator = iter(strategy.distribute_datasets_from_function(
+                    pipeline.train_input_fn(exp.manifest, spec, step - exp.phase.start)))
+                batch_images = spec.global_batch_size
+            n = min(config.train.steps_per_loop, end - step, exp.phase.end - step)
             if config.train.checkpoint_every:
                 n = min(n, config.train.checkpoint_every - step % config.train.checkpoint_every)
             if config.train.eval_every:
@@ -154,31 +289,39 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
             elapsed = time.perf_counter() - t0
             step += n
             lr = exp.trainer.learning_rate()
-            metrics.update(step=step, loss=m["loss"], perplexity=float(tf.exp(m["loss"])), learning_rate=lr,
-                           grad_norm=m["grad_norm"], images_per_s=n * config.train.global_batch_size / elapsed)
+            # xe: loss (per token), perplexity; scst: loss and reward per sample, sample_length, ...
+            metrics.update(m, step=step, phase=exp.phase.name, learning_rate=lr,
+                           images_per_s=n * batch_images / elapsed)
             with writer.as_default(step=step):
-                for name in ("loss", "perplexity", "learning_rate", "grad_norm"):
-                    tf.summary.scalar(name, metrics[name])
+                for name, value in m.items():
+                    tf.summary.scalar(name, value)
+                tf.summary.scalar("learning_rate", lr)
                 tf.summary.scalar("images_per_s", metrics["images_per_s"])
-                tf.summary.scalar("captions_per_s", n * captions_per_step / elapsed)
             bar.update(n)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{metrics['images_per_s']:.0f}")
+            postfix = {"loss": f"{m['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{metrics['images_per_s']:.0f}"}
+            if "reward" in m:
+                postfix["reward"] = f"{m['reward']:.3f}"
+            bar.set_postfix(**postfix)
             at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
-            if at_checkpoint or step == end or preemption.requested:
-                manager.save(checkpoint_number=step)
-            if preemption.requested:
+            preempted = preemption.stop_requested()  # on every worker alike: any worker's SIGTERM stops all
+            at_phase_end = step == exp.phase.end
+            if at_checkpoint or at_phase_end or step == end or preempted:
+                _save(manager, step, scratch_dir)
+            if preempted:
                 bar.close()
-                log(f"SIGTERM: saved a checkpoint at step {step} in {model_dir}; stopping.")
+                who = "" if preemption.requested else " (on another worker)"
+                log(f"SIGTERM{who}: saved a checkpoint at step {step} in {model_dir}; stopping.")
                 metrics["preempted"] = True
                 return metrics, exp
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+            at_eval = config.train.eval_every and step % config.train.eval_every == 0
+            if (at_eval or at_phase_end) and step < total:
                 _log_eval(exp, strategy, eval_writer, step, metrics, loop_log)
-                _select(selector, eval_writer, step, metrics, loop_log)
+                _select(selector, eval_writer, step, metrics, loop_log, exp.phase.name)
                 caption_samples(eval_writer, step)
     bar.close()
     if step == total and "val" in exp.manifest["splits"]:
         _log_eval(exp, strategy, eval_writer, step, metrics, log)
-        _select(selector, eval_writer, step, metrics, log)
+        _select(selector, eval_writer, step, metrics, log, exp.phase.name)
         caption_samples(eval_writer, step)
     writer.flush()
     eval_writer.flush()
@@ -198,8 +341,8 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
 
 
-def _select(selector: CheckpointSelector, writer, step: int, metrics: dict, log) -> None:
-    scores = selector(step, log)
+def _select(selector: CheckpointSelector, writer, step: int, metrics: dict, log, phase: str) -> None:
+    scores = selector(step, log, phase=phase)
     if scores is None:
         return
     with writer.as_default(step=step):

@@ -19,6 +19,7 @@ A `Trainer` owns the model, the optimizer and a step counter, all created in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 import tensorflow as tf
@@ -33,8 +34,7 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def _flatten_captions(captions: tf.Tensor):
     """[batch, captions, time] -> inputs, targets [batch * captions, time - 1]."""
-    time = captions.shape[-1]
-    rows = tf.reshape(captions, [-1, time])
+    rows = tf.reshape(captions, [-1, tf.shape(captions)[-1]])  # time: a caption bucket's length
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -42,22 +42,45 @@ def _count_tokens(targets: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(tf.not_equal(targets, 0), tf.float32))
 
 
+@dataclasses.dataclass
+class RunState:
+    """What every phase of a run shares: the global step and the moving average of the weights."""
+
+    step: tf.Variable
+    weight_average: WeightAverage | None
+
+    @classmethod
+    def create(cls, strategy: tf.distribute.Strategy, model, weight_average_decay: float) -> "RunState":
+        with strategy.scope():
+            step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        decay = float(weight_average_decay or 0.0)
+        return cls(step, WeightAverage(strategy, model.trainable_variables, decay) if decay else None)
+
+
 class Trainer:
+    """The cross-entropy trainer; subclasses (self_critical.py) replace the replica step."""
+
+    # Per-replica sums that the host loop adds up over steps and replicas.
+    SUM_KEYS = ("loss_sum", "tokens")
+
     def __init__(self, strategy: tf.distribute.Strategy, model, train_config, *,
-                 mixed_precision: str | None = None, jit_compile: bool = False):
+                 mixed_precision: str | None = None, jit_compile: bool = False, run_state: RunState | None = None,
+                 seed: int | None = None):
+        """train_config: a phase's config section (learning_rate, warmup_steps, steps, final_lr_ratio,
+        clip_norm). run_state: the run's step and weight average, shared across phases; by default
+        a new one with train_config.weight_average_decay. seed: of dropout (default train_config.seed)."""
         self.strategy = strategy
         self.model = model
         self.clip_norm = float(train_config.clip_norm)
-        self.seed = int(train_config.get("seed", 0))
+        self.seed = int(train_config.get("seed", 0) if seed is None else seed)
         self.jit_compile = jit_compile
+        run_state = run_state or RunState.create(strategy, model, train_config.get("weight_average_decay", 0.0))
+        self.step, self.weight_average = run_state.step, run_state.weight_average
         with strategy.scope():
             self.optimizer = build_optimizer(train_config, mixed_precision)
             # Built here, in scope, so that its slots are mirrored like the model's variables.
-            self.optimizer.build(model.trainable_variables)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        decay = float(train_config.get("weight_average_decay", 0.0) or 0.0)
-        self.weight_average = WeightAverage(strategy, model.trainable_variables, decay) if decay else None
+            self.optimizer.build(self.trainable_variables)
         self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         # Logits only where targets are real: a data-dependent shape, so not under XLA or on TPUs,
         # which compute the padded positions too (and mask them in the loss).
@@ -66,6 +89,10 @@ class Trainer:
         self._eval_loop = tf.function(self._eval_loop_fn)
         self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
         self._replica_eval_step = tf.function(self._replica_eval_step_fn, jit_compile=jit_compile)
+
+    @property
+    def trainable_variables(self) -> list:
+        return self.model.trainable_variables
 
     def evaluation_weights(self):
         """Context in which the model holds the weights to evaluate: the moving average when kept."""
@@ -104,7 +131,6 @@ class Trainer:
         inputs, targets = _flatten_captions(captions)
         local_tokens = _count_tokens(targets)
         global_tokens = tf.maximum(ctx.all_reduce(SUM, local_tokens), 1.0)
-        variables = self.model.trainable_variables
         seed = self.replica_dropout_seed()
         with tf.GradientTape() as tape:
             features = self.model.batch_features(batch, training=True)
@@ -113,6 +139,13 @@ class Trainer:
             loss = loss_sum / global_tokens
             if self._loss_scaled:
                 loss = self.optimizer.scale_loss(loss)
+        return {"loss_sum": loss_sum, "tokens": local_tokens}, self._apply_gradients(tape, loss)
+
+    def _apply_gradients(self, tape: tf.GradientTape, loss: tf.Tensor) -> tf.Tensor:
+        """All-reduces, clips (by the global norm) and applies the gradients; advances the step
+        and the weight average; returns the gradients' global norm."""
+        ctx = tf.distribute.get_replica_context()
+        variables = self.trainable_variables
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         grads = ctx.all_reduce(SUM, grads)
         scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self._loss_scaled else 1.0
@@ -125,7 +158,7 @@ class Trainer:
         if self.weight_average is not None:
             self.weight_average.update()
         self.step.assign_add(1)
-        return loss_sum, local_tokens, tf.cast(norm, tf.float32) / scale
+        return tf.cast(norm, tf.float32) / scale
 
     def _replica_eval_step_fn(self, batch):
         captions = batch["captions"]
@@ -136,13 +169,13 @@ class Trainer:
 
     # -- host loops ------------------------------------------------------------
     def _train_loop_fn(self, iterator, num_steps):
-        loss_sum, tokens, norm = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        totals = {key: tf.constant(0.0) for key in self.SUM_KEYS}
+        norm = tf.constant(0.0)
         for _ in tf.range(num_steps):
-            step_loss, step_tokens, norm = self.strategy.run(self._replica_train_step, args=(next(iterator),))
-            loss_sum += self.strategy.reduce(SUM, step_loss, axis=None)
-            tokens += self.strategy.reduce(SUM, step_tokens, axis=None)
+            sums, norm = self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            totals = {key: totals[key] + self.strategy.reduce(SUM, sums[key], axis=None) for key in self.SUM_KEYS}
             norm = self.strategy.experimental_local_results(norm)[0]  # the same on every replica
-        return loss_sum, tokens, norm
+        return totals, norm
 
     def _eval_loop_fn(self, iterator, num_steps):
         loss_sum, tokens = tf.constant(0.0), tf.constant(0.0)
@@ -153,10 +186,14 @@ class Trainer:
         return loss_sum, tokens
 
     def train_loop(self, iterator, num_steps: int) -> dict:
-        """Runs num_steps train steps; returns mean loss per token, tokens and last grad norm."""
-        loss_sum, tokens, norm = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
-        tokens = float(tokens)
-        return {"loss": float(loss_sum) / max(tokens, 1.0), "tokens": tokens, "grad_norm": float(norm)}
+        """Runs num_steps train steps; returns their metrics (`summarize`) and the last grad norm."""
+        totals, norm = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+        return {**self.summarize({key: float(value) for key, value in totals.items()}), "grad_norm": float(norm)}
+
+    def summarize(self, totals: dict) -> dict:
+        """Host-side metrics from the summed SUM_KEYS: mean loss per token, perplexity, tokens."""
+        loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
+        return {"loss": loss, "perplexity": float(tf.exp(loss)), "tokens": totals["tokens"]}
 
     def evaluate(self, iterator, num_steps: int) -> dict:
         """Loss per real token and perplexity over num_steps eval batches."""

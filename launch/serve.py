@@ -1,0 +1,88 @@
+"""Serves an exported captioner over HTTP on 127.0.0.1 (a web page at /, POST /caption, GET /health).
+
+  python launch/serve.py --model_dir=runs/demo                   # its export: runs/demo/export
+  python launch/serve.py --export_dir=/tmp/captioner --port=8500 --max_batch_size=64
+  curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8080/caption
+  curl -F a=@one.jpg -F b=@two.png 'http://127.0.0.1:8080/caption?top_k=1'
+
+Only the SavedModel is loaded (written by launch/export.py); the toolkit's
+model and training code are not imported. Concurrent requests are
+micro-batched into one call of the export's batched signature.
+"""
+
+import os
+
+import _bootstrap  # noqa: F401  (puts the repo on sys.path)
+from absl import app, flags
+
+import cli
+
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "SavedModel written by launch/export.py (local or gs://).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "A training run's model_dir: serves its export (model_dir/export).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind. The default accepts local connections only; "
+                            "another address (e.g. 0.0.0.0) exposes the server to the network.")
+_PORT = flags.DEFINE_integer("port", 8080, "TCP port (0: any free port; the URL is printed).")
+_MAX_REQUEST_MB = flags.DEFINE_float("max_request_mb", 10.0, "Largest request body accepted, in MB (2^20 bytes).")
+_MAX_MEGAPIXELS = flags.DEFINE_float("max_image_megapixels", 40.0, "Largest image accepted, in millions of "
+                                     "pixels (width x height from its header, checked before decoding).")
+_MAX_IMAGES = flags.DEFINE_integer("max_images_per_request", 32, "Most images in one multipart request.")
+_BATCHING = flags.DEFINE_boolean("batching", True, "Micro-batch concurrent requests into one model call "
+                                 "(--nobatching: one call per request).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch_size", 32, "Most images per model call when batching.")
+_BATCH_TIMEOUT_MS = flags.DEFINE_float("batch_timeout_ms", 5.0, "How long a batch's first image may wait for "
+                                       "more before the batch runs, in milliseconds.")
+_BATCH_THREADS = flags.DEFINE_integer("num_batch_threads", 2, "Batches the model runs at once when batching.")
+_MAX_CALLS = flags.DEFINE_integer("max_concurrent_calls", 1, "With --nobatching: model calls running at once "
+                                  "(default one at a time).")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def main(argv):
+    del argv
+    with cli.user_errors():
+        from showtell_dist.errors import ConfigError
+
+        if bool(_EXPORT_DIR.value) == bool(_MODEL_DIR.value):
+            raise ConfigError("give exactly one of --export_dir (a SavedModel) or --model_dir (a training run, "
+                              "whose export in model_dir/export is served).")
+        for name, value in (("max_request_mb", _MAX_REQUEST_MB.value), ("max_image_megapixels", _MAX_MEGAPIXELS.value),
+                            ("max_images_per_request", _MAX_IMAGES.value), ("max_batch_size", _MAX_BATCH.value),
+                            ("num_batch_threads", _BATCH_THREADS.value),
+                            ("max_concurrent_calls", _MAX_CALLS.value)):
+            if value <= 0:
+                raise ConfigError(f"--{name}={value} must be positive.")
+        if _BATCH_TIMEOUT_MS.value < 0:
+            raise ConfigError(f"--batch_timeout_ms={_BATCH_TIMEOUT_MS.value} must not be negative.")
+        export_dir = _EXPORT_DIR.value or os.path.join(_MODEL_DIR.value.rstrip("/"), "export")
+
+        from showtell_dist.serving import SavedModelCaptioner, ServerSettings, make_app, serve_forever
+
+        captioner = SavedModelCaptioner.load(export_dir)
+        settings = ServerSettings(
+            max_request_bytes=int(_MAX_REQUEST_MB.value * 2**20),
+            max_image_pixels=int(_MAX_MEGAPIXELS.value * 1e6),
+            max_images_per_request=_MAX_IMAGES.value, batching=_BATCHING.value, max_batch_size=_MAX_BATCH.value,
+            max_wait_ms=_BATCH_TIMEOUT_MS.value, num_batch_threads=_BATCH_THREADS.value,
+            max_concurrent_calls=_MAX_CALLS.value)
+        application = make_app(captioner, settings)
+
+    def on_ready(url):
+        if _HOST.value not in _LOOPBACK:
+            print(f"warning: bound to {_HOST.value}: anyone who can reach this machine can use the server.",
+                  flush=True)
+        batching = (f"micro-batching up to {settings.max_batch_size} images, {settings.max_wait_ms:g} ms"
+                    if settings.batching else "no batching")
+        print(f"serving {export_dir} (beam width {captioner.beam_width}, {batching}) at {url}", flush=True)
+
+    try:
+        serve_forever(application, _HOST.value, _PORT.value, on_ready=on_ready)
+    except OSError as exc:
+        with cli.user_errors():
+            from showtell_dist.errors import ConfigError
+
+            raise ConfigError(f"cannot listen on {_HOST.value}:{_PORT.value} ({exc.strerror or exc}): choose "
+                              "another --port (0 picks a free one) or --host.") from exc
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,158 @@
+"""Config validation: every bad value named in one message, exit 2 from the launchers before any work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import demo, flickr8k_inception, flickr8k_mobilenet
+from showtell_dist import config_validation
+from showtell_dist.config_validation import Int, config_problems, register_field, validate_config
+from showtell_dist.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module", [demo, flickr8k_mobilenet, flickr8k_inception])
+def test_shipped_configs_validate(module):
+    assert config_problems(module.get_config(), reference=demo.get_config()) == []
+
+
+def _with(name, value):
+    config = demo.get_config().to_dict()
+    section, _, field = name.rpartition(".")
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[field] = value
+    return config
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("train.steps", -5, "train.steps = -5: must be an integer >= 1"),
+    ("train.steps", 0, "train.steps = 0: must be an integer >= 1"),
+    ("train.global_batch_size", 0, "train.global_batch_size = 0: must be an integer >= 1"),
+    ("train.steps", "100", "train.steps = '100': must be an integer >= 1"),
+    ("train.steps", True, "train.steps = True: must be an integer"),
+    ("train.learning_rate", 0.0, "train.learning_rate = 0.0: must be a number > 0"),
+    ("train.learning_rate", float("nan"), "train.learning_rate = nan: must be a number > 0"),
+    ("train.final_lr_ratio", 1.5, "must be a number >= 0 and <= 1"),
+    ("train.clip_norm", -1.0, "train.clip_norm = -1.0: must be a number >= 0"),
+    ("train.seed", -1, "train.seed = -1: must be an integer in [0, 4294967295]"),
+    ("train.checkpoint_every", -1, "must be 0 (only at the end) or an integer >= 1"),
+    ("train.eval_every", -10, "must be 0 (never) or an integer >= 1"),
+    ("train.mixed_precision", "float16", "train.mixed_precision = 'float16': must be one of ''"),
+    ("train.weight_average_decay", 1.0, "must be 0 (no moving average) or a number > 0 and < 1"),
+    ("train.jit_compile", "yes", "train.jit_compile = 'yes': must be True or False"),
+    ("model.dropout", 1.0, "model.dropout = 1.0: must be a number >= 0 and < 1"),
+    ("model.units", 0, "model.units = 0: must be an integer >= 1"),
+    ("model.encoder", "resnet", "model.encoder = 'resnet': must be one of 'small_cnn'"),
+    ("model.feature_norm", "group", "must be one of 'batch', 'layer', 'none'"),
+    ("model.image_size", -1, "model.image_size = -1: must be 0 (the encoder's own size) or an integer >= 1"),
+    ("model.image_size", 8, "model.image_size = 8: the small_cnn encoder needs images of at least 16 pixels"),
+    ("data.layout", "csv", "data.layout = 'csv': must be one of 'auto', 'tutorial'"),
+    ("data.records_dir", "", "data.records_dir = '': must be a non-empty string"),
+    ("data.images_per_shard", 0, "must be an integer >= 1"),
+    ("data.shuffle_buffer", 0, "data.shuffle_buffer = 0: must be an integer >= 1"),
+    ("data.synthetic.num_train", 0, "data.synthetic.num_train = 0: must be an integer >= 1"),
+    ("tokenizer.min_count", 0, "tokenizer.min_count = 0: must be an integer >= 1"),
+    ("tokenizer.vocab_size", 3, "must be 0 (no cap) or an integer >= 5"),
+    ("tokenizer.max_len", 2, "must be 0 (the length covering 99.9% of train captions) or an integer >= 3"),
+    ("eval.beam_width", 0, "eval.beam_width = 0: must be an integer >= 1"),
+    ("eval.length_normalization", "sum", "must be one of 'none', 'average', 'gnmt'"),
+    ("eval.alpha", -0.5, "eval.alpha = -0.5: must be a number >= 0"),
+    ("eval.select_metric", "METEOR", "eval.select_metric = 'METEOR': must be one of"),
+    ("demo.num_examples", -1, "demo.num_examples = -1: must be an integer >= 0"),
+])
+def test_each_bad_value_is_named_with_what_it_must_be(name, value, message):
+    problems = config_problems(_with(name, value), reference=demo.get_config())
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_every_problem_is_listed_in_one_config_error():
+    config = _with("train.steps", -5)
+    config["train"]["global_batch_size"] = 0
+    config["model"]["encoder"], config["model"]["image_size"] = "inception_v3", 64
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, source="my.py")
+    text = str(info.value)
+    assert text.startswith("my.py: 3 invalid value(s):")
+    assert "train.steps = -5" in text and "train.global_batch_size = 0" in text
+    assert "model.image_size = 64: the inception_v3 encoder needs images of at least 75 pixels" in text
+    assert "--config.<field>=VALUE" in text
+
+
+def test_fields_without_a_rule_take_the_type_of_the_reference_default():
+    reference = demo.get_config()
+    reference.phases = ml_collections.ConfigDict({"steps": 100, "learning_rate": 1e-3, "name": "x"})
+    reference.init_checkpoint = ""
+    config = reference.to_dict()
+    assert config_problems(config, reference) == []
+    config["phases"] = {"steps": "many", "learning_rate": 1, "name": "y"}  # an int passes for a float
+    config["init_checkpoint"] = 5
+    assert config_problems(config, reference) == [
+        "init_checkpoint = 5: must be a string, like its default ''",
+        "phases.steps = 'many': must be an integer, like its default 100"]
+    assert config_problems(config) == []  # no reference: only the registered rules
+
+
+def test_registered_rule_and_missing_sections_of_older_runs():
+    assert config_problems({"model": {"units": 8}}) == []  # absent fields are not checked
+    try:
+        register_field("scst.num_samples", Int(min=1))
+        assert config_problems({"scst": {"num_samples": 0}}) == ["scst.num_samples = 0: must be an integer >= 1"]
+    finally:
+        del config_validation.FIELDS["scst.num_samples"]
+
+
+def test_choices_agree_with_the_library():
+    from showtell_dist.data.layouts import LAYOUTS
+    from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
+    from showtell_dist.model.encoders import IMAGE_SIZES
+    from showtell_dist.model.show_and_tell import FEATURE_NORMS
+    from showtell_dist.run.run_dir import SELECTABLE_METRICS
+    from showtell_dist.training.train_loop import MIXED_PRECISION
+
+    assert set(config_validation.ENCODER_MIN_IMAGE_SIZE) == set(IMAGE_SIZES)
+    assert config_validation.LAYOUT_CHOICES == ("auto",) + tuple(LAYOUTS)
+    assert config_validation.FEATURE_NORM_CHOICES == tuple(FEATURE_NORMS)
+    assert config_validation.MIXED_PRECISION_CHOICES == tuple(MIXED_PRECISION)
+    assert config_validation.LENGTH_NORMALIZATION_CHOICES == tuple(LENGTH_NORMALIZATIONS)
+    assert config_validation.SELECT_METRIC_CHOICES == ("",) + tuple(SELECTABLE_METRICS)
+
+
+def test_a_hand_edited_run_config_is_refused_when_loaded(tmp_path):
+    from showtell_dist.run.restore import load_trained_model
+
+    (tmp_path / "config.json").write_text(json.dumps(_with("eval.beam_width", -1)))
+    with pytest.raises(ConfigError, match=r"(?s)config.json: 1 invalid value.*eval.beam_width = -1.*Restore the"):
+        load_trained_model(str(tmp_path))
+
+
+def _launch(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_launchers_exit_2_with_every_bad_value_before_any_work(tmp_path):
+    records = str(tmp_path / "records")
+    train = _launch("train.py", "--config.train.steps=-5", "--config.train.global_batch_size=0",
+                    "--config.model.dropout=1.5", "--config.eval.length_normalization=sum",
+                    f"--config.data.records_dir={records}", f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert train.returncode == 2, train.stderr[-3000:]
+    for message in ("4 invalid value(s)", "train.steps = -5: must be an integer >= 1",
+                    "train.global_batch_size = 0: must be an integer >= 1",
+                    "model.dropout = 1.5", "eval.length_normalization = 'sum'"):
+        assert message in train.stderr
+    assert "Traceback" not in train.stderr
+    assert not os.path.exists(records) and not os.path.exists(tmp_path / "run")  # nothing was done
+
+    cache = _launch("cache_features.py", f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+                    "--config.data.images_per_shard=0", f"--config.data.records_dir={records}",
+                    f"--output_dir={tmp_path / 'features'}", cwd=tmp_path)
+    assert cache.returncode == 2, cache.stderr[-3000:]
+    assert "data.images_per_shard = 0: must be an integer >= 1" in cache.stderr
+    assert not os.path.exists(records) and not os.path.exists(tmp_path / "features")

@@ -1,0 +1,129 @@
+"""The self-critical step: replica-count independent, XLA-compilable, and its gradient raises the reward."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import scst
+from showtell_dist.decoding.sampling import banned_mask, global_uniforms, sample_captions
+from showtell_dist.errors import ConfigError
+from showtell_dist.model.show_and_tell import build_model
+from showtell_dist.training.self_critical import SelfCriticalTrainer
+from tiny_setup import VOCAB, global_batch, tiny_config
+
+POLICY = "float64"  # exact comparisons across replica counts (see tiny_setup.train_tiny)
+
+
+def overlap_reward(samples, captions):
+    """A toy reward: the fraction of a sample's words (ids >= 4) found among its references' words,
+    times a length factor that prefers 3 words. samples [rows, T], captions [rows, C, L] -> [rows]."""
+    words = samples >= 4  # [rows, T]
+    refs = tf.reshape(captions, [captions.shape[0], -1])  # [rows, C * L]
+    found = tf.reduce_any(tf.equal(samples[:, :, None], refs[:, None, :]), axis=2)  # [rows, T]
+    n = tf.reduce_sum(tf.cast(words, tf.float32), axis=1)
+    hits = tf.reduce_sum(tf.cast(tf.logical_and(words, found), tf.float32), axis=1)
+    return hits / tf.maximum(n, 1.0) * tf.exp(-tf.square(n - 3.0) / 8.0)
+
+
+def _mirrored(n):
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+
+
+def _train(strategy, steps=2, dtype_policy=POLICY, jit_compile=False, batch=None, **scst_overrides):
+    config = tiny_config("unused")
+    section = scst.section(**{"max_len": 6, "learning_rate": 1e-2, "global_batch_size": 8, **scst_overrides})
+    keras.mixed_precision.set_global_policy(dtype_policy)
+    try:
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build_model(config.model, VOCAB)
+        trainer = SelfCriticalTrainer(strategy, model, section, overlap_reward, seed=7, jit_compile=jit_compile)
+        ds = tf.data.Dataset.from_tensors(batch or global_batch()).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(ds))
+        metrics = [trainer.train_loop(iterator, 1) for _ in range(steps)]
+        return metrics, [v.numpy() for v in model.trainable_variables]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return _train(tf.distribute.get_strategy())
+
+
+def test_mirrored_equals_one_device(single_device):
+    metrics_1, weights_1 = single_device
+    metrics_2, weights_2 = _train(_mirrored(2))
+    for a, b in zip(metrics_1, metrics_2):
+        assert a["samples"] == b["samples"] == 8 * 5
+        # The same samples: the same rewards and lengths, to the last bit of float32 sums.
+        np.testing.assert_allclose(a["reward"], b["reward"], atol=1e-6)
+        assert a["sample_length"] == b["sample_length"]
+        np.testing.assert_allclose(a["loss"], b["loss"], atol=1e-6)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+    assert any(np.abs(a - b).max() > 1e-3 for a, b in zip(weights_1, single_device_initial()))  # it trained
+    for a, b in zip(weights_1, weights_2):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def single_device_initial():
+    keras.mixed_precision.set_global_policy(POLICY)
+    try:
+        keras.utils.set_random_seed(0)
+        return [v.numpy() for v in build_model(tiny_config("unused").model, VOCAB).trainable_variables]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_jit_compiled_step_matches_on_the_default_strategy(single_device):
+    metrics, weights = _train(tf.distribute.get_strategy(), jit_compile=True)
+    for a, b in zip(metrics, single_device[0]):
+        np.testing.assert_allclose(a["reward"], b["reward"], atol=1e-6)
+    for a, b in zip(weights, single_device[1]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline,xe_weight", [("mean", 0.0), ("greedy", 0.1)])
+def test_steps_raise_the_mean_reward(baseline, xe_weight):
+    metrics, _ = _train(tf.distribute.get_strategy(), steps=40, dtype_policy="float32", baseline=baseline,
+                        xe_weight=xe_weight, learning_rate=2e-2)
+    rewards = [m["reward"] for m in metrics]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.1, rewards
+    if xe_weight:
+        assert all(np.isfinite(m["xe_loss"]) for m in metrics)
+
+
+def test_samples_follow_the_softmax_and_never_draw_banned_ids():
+    vocab, rows = 6, 4000
+    logits = tf.constant([[0.0, 5.0, 1.0, 2.0, 0.0, 3.0]])  # pad (0) and 1 banned below
+    banned = banned_mask(vocab, (1,))
+
+    def step_fn(tokens, state):
+        return tf.tile(logits, [tf.shape(tokens)[0], 1]), state
+
+    uniforms = global_uniforms(3, tf.constant(0), 1, tf.constant(0), rows)
+    tokens, lengths = sample_captions(step_fn, (tf.zeros([rows, 1]),), uniforms, start_id=1, end_id=2,
+                                      banned=banned)
+    counts = np.bincount(tokens.numpy()[:, 0], minlength=vocab)
+    assert counts[0] == counts[1] == 0
+    p = np.exp([0, 0, 1, 2, 0, 3]) * np.array([0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(counts / rows, p / p.sum(), atol=0.03)
+    assert lengths.numpy().max() == 1
+
+
+def test_a_replicas_uniforms_are_its_slice_of_the_global_draw_with_or_without_xla():
+    step = tf.Variable(12, dtype=tf.int64)
+    full = global_uniforms(5, step, 4, tf.constant(0), 10).numpy()
+    part = tf.function(lambda: global_uniforms(5, step, 4, tf.constant(6), 4), jit_compile=True)().numpy()
+    np.testing.assert_array_equal(full[:, 6:], part)
+    step.assign(13)
+    assert not np.allclose(full, global_uniforms(5, step, 4, tf.constant(0), 10).numpy())
+    many = global_uniforms(0, step, 50, tf.constant(0), 200).numpy()
+    assert 0 <= many.min() and many.max() < 1 and abs(many.mean() - 0.5) < 0.01
+
+
+def test_mean_baseline_needs_two_samples():
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        _train(tf.distribute.get_strategy(), steps=1, samples_per_image=1)
