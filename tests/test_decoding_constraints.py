@@ -154,3 +154,18 @@ def test_bad_ending_ids_and_option_checks():
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         beam_search(lambda t, s: (tf.zeros([2, VOCAB]), s), (tf.zeros([1, 1]),), beam_width=2, max_len=3,
                     start_id=START, end_id=END, vocab_size=VOCAB, bad_ending_ids=(VOCAB,))
+
+
+def test_the_run_config_carries_the_options():
+    import ml_collections
+
+    from configs import demo
+    from showtell_dist.run.run_dir import eval_options
+
+    config = demo.get_config()
+    assert eval_options(config)["remove_bad_endings"] is False and eval_options(config)["block_trigrams"] is False
+    config.eval.remove_bad_endings, config.eval.block_trigrams = True, True
+    assert eval_options(config)["remove_bad_endings"] and eval_options(config)["block_trigrams"]
+    old_run = ml_collections.ConfigDict({"eval": {"beam_width": 2}})  # a run from before the options existed
+    assert eval_options(old_run) == {"beam_width": 2, "length_normalization": "average", "alpha": 0.6,
+                                     "remove_bad_endings": False, "block_trigrams": False}

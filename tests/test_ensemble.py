@@ -140,3 +140,29 @@ def test_members_and_vocabularies(tiny_trained_dir, tmp_path):
     json.dump(vocab, open(vocab_path, "w"))
     with pytest.raises(ConfigError, match="one vocabulary"):
         load_ensemble([(tiny_trained_dir, None), (other, None)])
+
+
+def test_evaluate_launcher_decodes_an_ensemble_with_the_decoding_options(tiny_trained_dir, trained, tiny_dataset,
+                                                                         tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_setup import REPO_ROOT
+
+    copy = str(tmp_path / "copy_of_run")
+    shutil.copytree(tiny_trained_dir, copy)
+    out = str(tmp_path / "eval")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "launch", "evaluate.py"),
+                           f"--model_dir={tiny_trained_dir},{copy}", "--beam_width=2", "--remove_bad_endings",
+                           "--block_trigrams", "--nometeor", "--noprogress", f"--output_dir={out}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert len(summary["checkpoint"]) == 2 and summary["remove_bad_endings"] and summary["block_trigrams"]
+    # Two copies of one model average to that model: the captions of the model alone, with the same options.
+    records_dir, _ = tiny_dataset
+    alone = decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), beam_width=2,
+                         remove_bad_endings=True, block_trigrams=True, progress=False)
+    captions = {c["image_id"]: c["caption"] for c in json.load(open(os.path.join(out, "captions.json")))}
+    assert captions == {r["image_id"]: r["caption"] for r in alone}

@@ -61,9 +61,13 @@ def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_pa
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
     assert "final: step 6" in outputs[0] and "val_loss" in outputs[0]
-    # Checkpoint selection decodes on one host: off under MultiWorker, said so, and nothing selected.
-    assert "checkpoint selection decodes on one host and is off under MultiWorker" in outputs[0]
-    assert not os.path.exists(os.path.join(model_dir, "best"))
+    # Checkpoint selection under MultiWorker: both workers decode val (captions all-gathered), the chief
+    # writes selection.json, and the final evaluation of the selected checkpoint runs on both too.
+    selection = json.load(open(os.path.join(model_dir, "best", "selection.json")))
+    assert selection["best"]["step"] == 6 and [h["step"] for h in selection["history"]] == [6]
+    assert "selected checkpoint" in outputs[0] and "CIDEr-D" in outputs[0]
+    assert "selected checkpoint" not in outputs[1]
+    assert os.path.exists(os.path.join(model_dir, "eval_val", "metrics.json"))
     step0, chief = _final_weights(os.path.join(model_dir, "checkpoints"))
     assert step0 == 6 and chief
     # Worker 1 saved too (the save is collective) into a scratch dir, deleted right after.
@@ -148,3 +152,39 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ConfigError, match="TF_CONFIG is not valid"):
         create_strategy("multi_worker")
+
+
+@pytest.mark.slow
+def test_two_workers_decode_a_split_and_each_holds_all_captions(tiny_dataset, tiny_trained_dir, tmp_path):
+    """Each worker decodes its share; the all-gather gives every worker (the chief writes) the whole split."""
+    from showtell_dist.evaluation.evaluator import decode_split
+    from showtell_dist.run.restore import load_trained_model
+
+    records, manifest = tiny_dataset
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs, outs = [], []
+    for index in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        outs.append(str(tmp_path / f"worker{index}.json"))
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO_ROOT, "tests", "decode_worker_subprocess.py"), tiny_trained_dir,
+             records, "test", outs[-1]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        try:
+            out = p.communicate(timeout=240)[0]
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, out[-4000:]
+    single = decode_split(load_trained_model(tiny_trained_dir), records, "test", tf.distribute.get_strategy(),
+                          beam_width=2, batch_size=4, progress=False)
+    expected = {r["image_id"]: r for r in single}
+    assert len(expected) == manifest["splits"]["test"]["images"] == 8
+    for path in outs:
+        got = {r["image_id"]: r for r in json.load(open(path))}
+        assert got.keys() == expected.keys()
+        for image_id, r in expected.items():
+            assert got[image_id]["caption"] == r["caption"], image_id
+            np.testing.assert_allclose(got[image_id]["score"], r["score"], atol=1e-5)

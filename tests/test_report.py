@@ -147,7 +147,7 @@ def test_evaluate_split_draws_the_runs_curves_with_the_tokenizers_words(tiny_tra
 def test_evaluating_the_selected_checkpoint_passes_the_selection_on(tmp_path, monkeypatch):
     """evaluate_selected hands model_dir/best/selection.json to evaluate_split (for report.html)."""
     from showtell_dist.evaluation import evaluator
-    from showtell_dist.model import restore
+    from showtell_dist.run import restore
     from showtell_dist.training.checkpoint_selection import evaluate_selected
     from tiny_setup import tiny_config
 

@@ -461,7 +461,8 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
         stats = report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
-                                          vocabulary=trained.tokenizer.words, split_words=trained.tokenizer.split_words)
+                                          vocabulary=members[0].tokenizer.words,
+                                          split_words=members[0].tokenizer.split_words)
         f.write(report.render_report(summary, best, worst, jpegs, selection=selection, statistics=stats))
     _write_json(files[METRICS_FILE], summary)
     return summary

@@ -116,12 +116,19 @@ class CheckpointSelector:
             from showtell_dist.data.prepare import write_json_atomically
 
             write_json_atomically(f"{self.model_dir}/{BEST_DIR}/{SELECTION_FILE}", self.selection)
+        if num_workers(self.strategy) > 1:
+            _barrier(self.strategy)  # the other workers go on once selection.json is written
         best = self.selection["best"]
         others = ", ".join(f"{m} {100 * corpus[m]:.2f}" for m in ("BLEU-1", "BLEU-4", "CIDEr-D") if m != self.metric)
         verdict = "new best, saved" if improved else f"best {100 * best['value']:.2f} at step {best['step']}"
         (log or self.log)(f"step {step}: val {self.metric} {100 * corpus[self.metric]:.2f} ({others}; "
                           f"{len(results)} images, beam {self.options['beam_width']}) - {verdict}")
         return corpus
+
+
+def _barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns on every worker once all of them reached it (a one-number all-reduce)."""
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.function(lambda: tf.constant(1.0))), axis=None)
 
 
 def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split: str = "val",
