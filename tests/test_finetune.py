@@ -180,3 +180,12 @@ def test_a_features_cache_cannot_serve_a_fine_tuned_run():
     feature_cache.check_cache_serves_run(c, "records", records)
     with pytest.raises(ConfigError, match="fine-tuned its encoder.*decode from the image records"):
         feature_cache.check_cache_serves_run(c, "features", cache)
+
+
+def test_an_encoder_trained_since_xe_is_listed_once():
+    config = tiny_config("unused")  # encoder_trainable=True: a run from images
+    model = build_model(config.model, VOCAB)
+    trainer = FineTuneTrainer(STRATEGY, model, finetune.section(steps=2))
+    ids = [id(v) for v in trainer.trainable_variables]
+    assert len(ids) == len(set(ids)) == len(model.trainable_variables)
+    assert {id(v) for v in encoder_variables(model)} <= set(ids)
