@@ -56,7 +56,8 @@ def phases_of(config) -> list[Phase]:
         section = config.get(SECTIONS[name], None)
         if section is None:
             raise ConfigError(f"config.phases={spec!r} has a {name} phase but the config has no "
-                              f"`{SECTIONS[name]}` section; add one (e.g. configs/{name}.py: c.{name} = {name}.section()).")
+                              f"`{SECTIONS[name]}` section; add one" +
+                              (f" (e.g. configs/{name}.py: c.{name} = {name}.section())." if name != "xe" else "."))
         steps = int(section.steps)
         if steps < 1:
             raise ConfigError(f"{SECTIONS[name]}.steps={steps}: a phase needs at least one step.")
