@@ -37,19 +37,8 @@ def _final_weights(checkpoint_dir):
 @pytest.mark.slow
 def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_path):
     records, _ = tiny_dataset
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     model_dir = str(tmp_path / "run")
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
-        args = [sys.executable, os.path.join(REPO_ROOT, "launch", "train.py"), "--strategy=multi_worker",
-                f"--model_dir={model_dir}", f"--config.data.records_dir={records}",
-                "--config.data.generate_synthetic=False", "--config.model.image_size=32",
-                "--config.model.units=16", "--config.model.embed_dim=8", "--config.train.global_batch_size=8",
-                "--config.train.steps=6", "--config.train.steps_per_loop=2", "--config.train.checkpoint_every=0",
-                "--config.train.eval_every=0", "--config.eval.select_metric=CIDEr-D", "--num_examples=0"]
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = _start_workers(model_dir, records, "--config.eval.select_metric=CIDEr-D", steps=6, steps_per_loop=2)
     outputs = []
     for p in procs:
         try:
@@ -74,7 +63,7 @@ def test_two_workers_on_loopback_train_to_identical_weights(tiny_dataset, tmp_pa
     assert not os.path.exists(os.path.join(model_dir, "checkpoints_worker_1"))
 
 
-def _start_workers(model_dir, records, *flags):
+def _start_workers(model_dir, records, *flags, steps=100000, steps_per_loop=1):
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []
     for index in range(2):
@@ -84,7 +73,7 @@ def _start_workers(model_dir, records, *flags):
                 f"--model_dir={model_dir}", f"--config.data.records_dir={records}",
                 "--config.data.generate_synthetic=False", "--config.model.image_size=32",
                 "--config.model.units=16", "--config.model.embed_dim=8", "--config.train.global_batch_size=8",
-                "--config.train.steps=100000", "--config.train.steps_per_loop=1",
+                f"--config.train.steps={steps}", f"--config.train.steps_per_loop={steps_per_loop}",
                 "--config.train.checkpoint_every=0", "--config.train.eval_every=0", "--num_examples=0", *flags]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
