@@ -46,7 +46,6 @@ if REPO_ROOT not in sys.path:
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from showtell_dist.serving import BackgroundServer, SavedModelCaptioner, ServerSettings, make_app  # noqa: E402

@@ -15,6 +15,7 @@ from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.reward.cider_d import (KEY_BASE, DocumentFrequencies, check_vocabulary_fits, cider_d, word_ids,
                                           word_ids_np)
 from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies, train_references
+from tiny_setup import mirrored
 
 T, R = 9, 4
 
@@ -102,7 +103,7 @@ def test_compiles_with_xla_and_runs_per_replica_with_identical_results():
     compiled = tf.function(lambda c, r: cider_d(c, r, df), jit_compile=True)(c, r).numpy()
     np.testing.assert_allclose(compiled, eager, rtol=1e-6, atol=1e-6)
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((c, r)))
 
     @tf.function
@@ -110,8 +111,8 @@ def test_compiles_with_xla_and_runs_per_replica_with_identical_results():
         return strategy.run(lambda c, r: cider_d(c, r, df), args=batch)
 
     result = per_replica(next(iter(ds)))
-    mirrored = np.concatenate([x.numpy() for x in strategy.experimental_local_results(result)])
-    np.testing.assert_allclose(mirrored, eager, rtol=1e-6, atol=1e-6)
+    replica_scores = np.concatenate([x.numpy() for x in strategy.experimental_local_results(result)])
+    np.testing.assert_allclose(replica_scores, eager, rtol=1e-6, atol=1e-6)
 
 
 def test_references_beyond_r_columns_and_candidate_length_may_differ():

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from showtell_dist.model.show_and_tell import build_model
 from showtell_dist.training.trainer import Trainer
-from tiny_setup import VOCAB, global_batch as _global_batch, tiny_config, train_tiny as _train
+from tiny_setup import VOCAB, global_batch as _global_batch, tiny_config, train_tiny as _train, mirrored
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Exact-equivalence comparisons run in float64 (see tiny_setup.train_tiny); float32 training under
@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 POLICY = "float64"
 
 def _mirrored(n):
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+    return mirrored(n)
 
 
 def _train_in_subprocess(tmp_path, replicas, **overrides):

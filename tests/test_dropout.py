@@ -6,11 +6,11 @@ import tensorflow as tf
 
 from showtell_dist.model.show_and_tell import StatelessDropout, build_model, dropout_seed
 from showtell_dist.training.trainer import Trainer
-from tiny_setup import VOCAB, tiny_config
+from tiny_setup import VOCAB, tiny_config, mirrored
 
 
 def _mirrored(n):
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+    return mirrored(n)
 
 
 def _masks(strategy, trainer, model):

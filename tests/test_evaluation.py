@@ -20,7 +20,7 @@ from showtell_dist.evaluation import metrics, report
 from showtell_dist.evaluation.captioner import caption_files
 from showtell_dist.evaluation.evaluator import decode_split, evaluate_split, scan_records
 from showtell_dist.run.restore import load_trained_model
-from tiny_setup import REPO_ROOT
+from tiny_setup import REPO_ROOT, mirrored
 
 SPLIT = "test"  # 8 images in the tiny dataset
 
@@ -73,15 +73,15 @@ def test_decode_split_covers_each_image_once(default_results, split_ids, trained
 
 def test_decode_split_mirrored_matches_default(trained_dir, trained, default_results, tiny_dataset):
     records_dir, _ = tiny_dataset
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     trained_m = load_trained_model(trained_dir, strategy=strategy)
     # 3 images per replica as above; 2 steps of 6 -> 4 padding rows to drop
     results = decode_split(trained_m, records_dir, SPLIT, strategy, beam_width=3, batch_size=6, progress=False)
     assert sorted(r["image_id"] for r in results) == sorted(r["image_id"] for r in default_results)
-    mirrored, default = _by_id(results), _by_id(default_results)
+    replicated, default = _by_id(results), _by_id(default_results)
     for image_id, r in default.items():
-        assert mirrored[image_id]["caption"] == r["caption"]
-        np.testing.assert_allclose(mirrored[image_id]["score"], r["score"], atol=1e-5)
+        assert replicated[image_id]["caption"] == r["caption"]
+        np.testing.assert_allclose(replicated[image_id]["score"], r["score"], atol=1e-5)
     with pytest.raises(ConfigError, match="divisible"):
         decode_split(trained_m, records_dir, SPLIT, strategy, batch_size=3, progress=False)
     with pytest.raises(ConfigError, match="strategy=strategy"):  # loaded outside the strategy's scope

@@ -21,7 +21,7 @@ from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training import train_loop
-from tiny_setup import REPO_ROOT, tiny_config
+from tiny_setup import REPO_ROOT, mirrored, tiny_config
 
 SHARED = os.path.join(REPO_ROOT, "..", "shared")
 FLICKR8K = os.path.join(SHARED, "data", "flickr8k")
@@ -117,13 +117,13 @@ def test_records_round_trip(cache, tiny_dataset, weights):
 def test_mirrored_caching_gives_the_same_features(cache, tiny_dataset, weights, tmp_path):
     out, manifest = cache
     records_dir, _ = tiny_dataset
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    mirrored = builder.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
-                                            strategy=strategy, batch_size=6, splits=["val"], progress=False)
-    assert list(mirrored["splits"]) == ["val"]
+    strategy = mirrored(2)
+    cached = builder.cache_features(records_dir, str(tmp_path), _frozen_config(records_dir, weights).model,
+                                    strategy=strategy, batch_size=6, splits=["val"], progress=False)
+    assert list(cached["splits"]) == ["val"]
     dim = manifest["features"]["dim"]
     parse = lambda s: records.parse_features_example(s, dim)  # noqa: E731
-    a = _examples(str(tmp_path), mirrored, "val", parse)
+    a = _examples(str(tmp_path), cached, "val", parse)
     b = _examples(out, manifest, "val", parse)
     assert [e["image_id"].numpy() for e in a] == [e["image_id"].numpy() for e in b]
     np.testing.assert_allclose(np.stack([e["features"] for e in a]), np.stack([e["features"] for e in b]),

@@ -14,7 +14,7 @@ from showtell_dist.model.encoders import build_encoder
 from showtell_dist.model.show_and_tell import build_model
 from showtell_dist.training import train_loop
 from showtell_dist.training.trainer import FineTuneTrainer, encoder_variables
-from tiny_setup import VOCAB, global_batch, tiny_config
+from tiny_setup import VOCAB, global_batch, tiny_config, mirrored
 
 STRATEGY = tf.distribute.get_strategy()
 MOVING = ("moving_mean", "moving_variance")
@@ -77,7 +77,7 @@ def test_the_encoder_learns_at_its_own_rate():
 def test_mirrored_fine_tuning_step_equals_one_device_and_keeps_statistics():
     section = finetune.section(steps=3, global_batch_size=8, learning_rate=1e-2, encoder_learning_rate=1e-3)
     _, _, _, one, _ = _fine_tune(STRATEGY, section, steps=1)
-    model, before, _, two, _ = _fine_tune(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), section, steps=1)
+    model, before, _, two, _ = _fine_tune(mirrored(2), section, steps=1)
     np.testing.assert_allclose(two["loss"], one["loss"], atol=1e-5)
     np.testing.assert_allclose(two["grad_norm"], one["grad_norm"], rtol=1e-4)  # encoder gradients included
     changed = _changed(model, before)

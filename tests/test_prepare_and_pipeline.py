@@ -12,6 +12,7 @@ from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import PrepareOptions, load_manifest, prepare_dataset, summarize
 from showtell_dist.data.tokenizer import END_ID, START_ID, Tokenizer
 from showtell_dist.errors import ConfigError, DataError
+from tiny_setup import mirrored
 
 FLICKR8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "flickr8k")
 
@@ -202,7 +203,7 @@ def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
     from showtell_dist.features import builder
 
     records_dir, manifest = tiny_dataset
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored(2)
     specs = {
         "train": pipeline.train_input_fn(manifest, _spec(records_dir, manifest)),
         "val loss / decoding": pipeline.eval_input_fn(manifest, _spec(records_dir, manifest, split="val")),

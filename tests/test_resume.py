@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
 from showtell_dist.training import train_loop
-from tiny_setup import REPO_ROOT, tiny_config
+from tiny_setup import REPO_ROOT, tiny_config, mirrored
 
 STRATEGY = tf.distribute.get_strategy()
 
@@ -35,7 +35,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_dataset, tmp_path, replic
     """Also under Mirrored over 2 CPU devices, where each replica draws its own dropout masks."""
     records, _ = tiny_dataset
     config = _config(records)
-    strategy = STRATEGY if replicas == 1 else tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = STRATEGY if replicas == 1 else mirrored(2)
     full_metrics, full = train_loop.train(config, strategy, str(tmp_path / "full"), show_progress=False)
     assert full_metrics["step"] == 8
 

@@ -89,3 +89,19 @@ def train_tiny(strategy, steps=2, dtype_policy="float32", **overrides):
         return metrics, [v.numpy() for v in model.trainable_variables]
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+_MIRRORED: dict = {}
+
+
+def mirrored(n: int = 2) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy over the first n logical CPUs for the whole test session.
+
+    Every new strategy object numbers its collective instances from the start again, and the runtime
+    refuses an instance key it has seen with another dtype ("Collective instance 101 expected ...
+    data_type 2 but got ... data_type 1": a float64 test, then a float32 one). Sharing one strategy per
+    device count keeps the keys unique across tests.
+    """
+    if n not in _MIRRORED:
+        _MIRRORED[n] = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
+    return _MIRRORED[n]
