@@ -78,7 +78,7 @@ def check_scst_config(section) -> None:
 class SelfCriticalTrainer(Trainer):
     SUM_KEYS = ("loss_sum", "reward_sum", "baseline_sum", "samples", "sample_tokens", "xe_sum", "tokens")
 
-    def __init__(self, strategy: tf.distribute.Strategy, model, scst_config, reward_fn: RewardFn, *, seed: int,
+    def __init__(self, strategy: tf.distribute.Strategy, model, scst_config, reward_fn: RewardFn, *, seed: int = 0,
                  mixed_precision: str | None = None, jit_compile: bool = False, run_state=None):
         """scst_config: the run's `scst` section (learning-rate schedule and clip_norm as in `train`, plus
         samples_per_image, baseline, max_len, temperature, xe_weight, dropout)."""

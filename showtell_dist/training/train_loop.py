@@ -87,8 +87,7 @@ def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model,
     check_vocabulary_fits(model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
     df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
-    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df),
-                               seed=config.train.seed + phase.index, **common)
+    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df), **common)
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
