@@ -47,7 +47,14 @@ Also printed, all measured in this run:
   * precision: (a)'s step in float32 and in mixed_bfloat16 (a second model
     built under that policy, as train.mixed_precision builds it), each beside a
     [2048, 2048] matmul in its own dtype (the ceiling), timed interleaved.
-    Alone: `--only_precision`; skipped with `--skip_precision`.
+    Alone: `--only_precision`; skipped with `--skip_precision`;
+  * self-critical: (a)'s cross-entropy step and the self-critical step
+    (training/self_critical.py: K = 5 samples per image up to 20 tokens, CIDEr-D
+    reward in the graph, mean baseline) on the same batches of 32 images, in
+    images/s, timed interleaved; target: scst costs <= 3x xe. The output bias of
+    <end> is raised so that samples average ~10 words, as a trained model's do
+    (a random model would sample to the maximum length). Alone: `--only_scst`;
+    skipped with `--skip_scst`.
 """
 
 from __future__ import annotations
@@ -104,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--skip_memory", action="store_true", help="Skip the peak-memory subprocess.")
     p.add_argument("--skip_precision", action="store_true", help="Skip the float32 vs mixed_bfloat16 section.")
     p.add_argument("--only_precision", action="store_true", help="Run only the float32 vs mixed_bfloat16 section.")
+    p.add_argument("--skip_scst", action="store_true", help="Skip the self-critical vs cross-entropy section.")
+    p.add_argument("--only_scst", action="store_true", help="Run only the self-critical vs cross-entropy section.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -421,6 +430,60 @@ def precision_section(args) -> None:
     print(f"    mixed_bfloat16 / float32: train step {c16 / c32:.2f}x, matmul ceiling {m16 / m32:.2f}x")
 
 
+# ----------------------------------------------------------------------------
+# Self-critical vs cross-entropy step, same images
+# ----------------------------------------------------------------------------
+
+
+def scst_section(args) -> dict:
+    """Prints the self-critical step's images/s beside the cross-entropy step's on the same batches."""
+    from configs import scst
+    from showtell_dist.reward.cider_d import DocumentFrequencies, word_ids_np
+    from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+    from showtell_dist.training.trainer import RunState
+
+    B, C = args.batch, args.captions_per_image
+    rng = np.random.default_rng(args.seed + 3)
+    captions = random_captions(rng, (2, B, C), args)
+    features = np.abs(rng.normal(0.0, 1.0, (2, B, FEATURE_DIM))).astype(np.float32)
+    df = DocumentFrequencies.from_references(
+        [[word_ids_np(c) for c in image] for image in random_captions(rng, (2000, C), args)])
+    config = toolkit_config(args, "mobilenet_v2")
+    section = scst.section(global_batch_size=B)
+    keras.mixed_precision.set_global_policy("float32")
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build_model(config.model, args.vocab)
+    # P(<end>) ~ 1/10 per step: ~10-token samples, like a trained model's (mean Flickr8k caption: ~11 words).
+    bias = model.logits.bias.numpy()
+    bias[END_ID] += np.log(args.vocab / 9.0)
+    model.logits.bias.assign(bias)
+    run_state = RunState.create(strategy, model, 0.0)
+    xe = Trainer(strategy, model, config.train, jit_compile=False, run_state=run_state)
+    sc = SelfCriticalTrainer(strategy, model, section, cider_d_reward(df, args.max_len), run_state=run_state)
+    it_xe = cycled({"features": features, "captions": captions})
+    it_sc = cycled({"features": features, "captions": captions})
+    fns = {"xe": lambda: xe.train_loop(it_xe, 1), "scst": lambda: sc.train_loop(it_sc, 1)}
+    outputs = {}
+    for name, fn in fns.items():
+        timed(fn)  # warm-up: tracing + first step
+    times = {name: [] for name in fns}
+    for _ in range(max(args.steps, 3)):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, outputs=outputs, name=name))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    ips = {k: B / v for k, v in med.items()}
+    ratio = med["scst"] / med["xe"]
+    print(f"self-critical vs cross-entropy, cached features [{B}, {FEATURE_DIM}], {B} images/step, medians over "
+          f"{len(times['xe'])} interleaved rounds:")
+    print(f"    xe   {ips['xe']:9.1f} images/s ({med['xe']:.2f} s/step): {B}x{C} reference captions")
+    print(f"    scst {ips['scst']:9.1f} images/s ({med['scst']:.2f} s/step): {B}x{section.samples_per_image} "
+          f"samples of mean length {outputs['scst']['sample_length']:.1f} tokens (max {section.max_len}), "
+          f"CIDEr-D reward, {section.baseline} baseline")
+    print(target_line("scst step cost / xe step cost", ratio, ratio <= 3, "<= 3x", "9.2f"))
+    return {"xe_images_per_s": ips["xe"], "scst_images_per_s": ips["scst"], "ratio": ratio}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
@@ -430,6 +493,11 @@ def main(argv=None):
     if args.only_precision:
         keras.utils.set_random_seed(args.seed)
         precision_section(args)
+        print(f"total wall time {time.perf_counter() - wall:.0f} s")
+        return
+    if args.only_scst:
+        keras.utils.set_random_seed(args.seed)
+        scst_section(args)
         print(f"total wall time {time.perf_counter() - wall:.0f} s")
         return
     keras.utils.set_random_seed(args.seed)
@@ -590,6 +658,9 @@ def main(argv=None):
     if not args.skip_precision:
         print()
         precision_section(args)
+    if not args.skip_scst:
+        print()
+        scst_section(args)
     print(f"total wall time {time.perf_counter() - wall:.0f} s")
     tmp.cleanup()
 

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic = ml_collections.ConfigDict(
         dict(num_train=4000, num_val=300, num_test=300, image_size=64, seed=0))
     c.data.images_per_shard = 500
+    c.data.resize_to = 0                              # > 0: prepare stores images resized to NxN (model.image_size)
     c.data.captions_per_image = 4
     c.data.shuffle_buffer = 2000                      # records read as one group and permuted (>= a shard)
     c.data.caption_buckets = 4                        # pad each batch's captions to one of 4 lengths; 0: max_len

@@ -29,7 +29,8 @@ _PER_SHARD = flags.DEFINE_integer("images_per_shard", 1000, "Images per TFRecord
 _WORKERS = flags.DEFINE_integer("num_workers", 8, "Shards written in parallel.")
 _RESIZE_TO = flags.DEFINE_integer(
     "resize_to", 0, "Store images resized to NxN exactly as training resizes them (set it to the model's "
-    "image_size): training reads and decodes several times fewer bytes. 0 keeps the original size.")
+    "image_size): training decodes small JPEGs and skips the resize (benchmarks/input_pipeline.py). "
+    "0 keeps the original size.")
 
 
 def main(argv):

@@ -13,7 +13,7 @@ validates. Cross-field rules (`CROSS_CHECKS`) see the whole config.
 To validate a new field, add a line to `FIELDS` (or call `register_field` from
 the module that introduces it), e.g.
 
-    FIELDS["scst.num_samples"] = Int(min=1)
+    FIELDS["finetune.learning_rate"] = Float(min=0, min_open=True)
 
 This module imports no TensorFlow: launchers call it before building anything.
 The lists of choices repeat the library's (encoders, layouts, ...) for that
@@ -29,14 +29,17 @@ from typing import Any, Callable, Mapping
 from showtell_dist.errors import ConfigError
 
 # The library's choices (see the module docstring): model/encoders.py IMAGE_SIZES, data/layouts.py
-# LAYOUTS, model/show_and_tell.py FEATURE_NORMS, training/train_loop.py MIXED_PRECISION,
-# decoding/beam_search.py LENGTH_NORMALIZATIONS, training/checkpoint_selection.py SELECTABLE_METRICS.
+# LAYOUTS, model/show_and_tell.py FEATURE_NORMS, distribute/precision.py REQUESTS,
+# decoding/beam_search.py LENGTH_NORMALIZATIONS, run/run_dir.py SELECTABLE_METRICS,
+# training/phases.py SECTIONS, training/self_critical.py BASELINES.
 ENCODER_MIN_IMAGE_SIZE = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75}
 LAYOUT_CHOICES = ("auto", "tutorial", "flickr", "coco", "karpathy")
 FEATURE_NORM_CHOICES = ("batch", "layer", "none")
-MIXED_PRECISION_CHOICES = ("", "mixed_float16", "mixed_bfloat16")
+MIXED_PRECISION_CHOICES = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
 LENGTH_NORMALIZATION_CHOICES = ("none", "average", "gnmt")
 SELECT_METRIC_CHOICES = ("", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
+PHASE_SECTIONS = {"xe": "train", "scst": "scst"}
+SCST_BASELINE_CHOICES = ("mean", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +122,9 @@ FIELDS: dict[str, Field] = {
     "data.images_per_shard": Int(min=1),
     "data.captions_per_image": Int(min=1),
     "data.shuffle_buffer": Int(min=1),
+    "data.caption_buckets": Int(min=1, zero="pad every batch to max_len"),
+    "data.deterministic_input": Bool(),
+    "data.resize_to": Int(min=1, zero="images kept at their original size"),
     # tokenizer
     "tokenizer.lang": Str(nonempty=True, what="a spaCy language code such as 'en'"),
     "tokenizer.spacy_model": Str(),
@@ -147,6 +153,7 @@ FIELDS: dict[str, Field] = {
     "train.keep_checkpoints": Int(min=1),
     "train.eval_every": Int(min=1, zero="never"),
     "train.eval_max_images": Int(min=1, zero="the whole validation split"),
+    "train.summary_images": Int(min=1, zero="off"),
     "train.mixed_precision": Choice(MIXED_PRECISION_CHOICES),
     "train.jit_compile": Bool(),
     "train.weight_average_decay": Float(min=0, max=1, min_open=True, max_open=True, zero="no moving average"),
@@ -155,13 +162,30 @@ FIELDS: dict[str, Field] = {
     "eval.length_normalization": Choice(LENGTH_NORMALIZATION_CHOICES),
     "eval.alpha": Float(min=0),
     "eval.select_metric": Choice(SELECT_METRIC_CHOICES),
+    "eval.remove_bad_endings": Bool(),
+    "eval.block_trigrams": Bool(),
     # demo
     "demo.num_examples": Int(min=0),
+    # phases and the self-critical phase (configs/scst.py)
+    "phases": Field(str, "a comma-separated list of " + ", ".join(repr(p) for p in PHASE_SECTIONS) + ", e.g. 'xe,scst'",
+                    lambda v: all(p.strip() in PHASE_SECTIONS for p in v.split(","))),
+    "scst.steps": Int(min=1),
+    "scst.global_batch_size": Int(min=1),
+    "scst.samples_per_image": Int(min=1),
+    "scst.baseline": Choice(SCST_BASELINE_CHOICES),
+    "scst.max_len": Int(min=1),
+    "scst.temperature": Float(min=0, min_open=True),
+    "scst.dropout": Bool(),
+    "scst.xe_weight": Float(min=0),
+    "scst.learning_rate": Float(min=0, min_open=True),
+    "scst.warmup_steps": Int(min=0),
+    "scst.final_lr_ratio": Float(min=0, max=1),
+    "scst.clip_norm": Float(min=0),
 }
 
 
 def register_field(name: str, field: Field) -> None:
-    """Adds (or replaces) the rule of a dotted field name, e.g. "scst.num_samples"."""
+    """Adds (or replaces) the rule of a dotted field name, e.g. "finetune.learning_rate"."""
     FIELDS[name] = field
 
 
@@ -177,8 +201,30 @@ def _image_size_fits_encoder(config: Mapping) -> list[str]:
             "(or 0 for its own size)"]
 
 
+def _phases_have_sections(config: Mapping) -> list[str]:
+    spec = config.get("phases")
+    if not isinstance(spec, str) or FIELDS["phases"].problem(spec):
+        return []
+    return [f"phases = {spec!r}: the {name} phase needs a `{PHASE_SECTIONS[name]}` section, which the config lacks"
+            + (" (add one: c.scst = configs.scst.section())" if name == "scst" else "")
+            for name in dict.fromkeys(p.strip() for p in spec.split(","))
+            if not isinstance(config.get(PHASE_SECTIONS[name]), Mapping)]
+
+
+def _scst_mean_baseline_has_samples(config: Mapping) -> list[str]:
+    scst = config.get("scst")
+    if not isinstance(scst, Mapping) or scst.get("baseline") != "mean":
+        return []
+    samples = scst.get("samples_per_image")
+    if FIELDS["scst.samples_per_image"].problem(samples) or samples >= 2:
+        return []
+    return [f"scst.samples_per_image = {samples!r}: the 'mean' baseline needs at least 2 samples per image "
+            "(each is baselined by the others); use 5, or scst.baseline='greedy'"]
+
+
 # Rules between fields: config (a plain nested dict) -> messages.
-CROSS_CHECKS: list[Callable[[Mapping], list[str]]] = [_image_size_fits_encoder]
+CROSS_CHECKS: list[Callable[[Mapping], list[str]]] = [_image_size_fits_encoder, _phases_have_sections,
+                                                      _scst_mean_baseline_has_samples]
 
 
 def _as_dict(config) -> dict:

@@ -61,11 +61,14 @@ def _with(name, value):
     ("tokenizer.min_count", 0, "tokenizer.min_count = 0: must be an integer >= 1"),
     ("tokenizer.vocab_size", 3, "must be 0 (no cap) or an integer >= 5"),
     ("tokenizer.max_len", 2, "must be 0 (the length covering 99.9% of train captions) or an integer >= 3"),
+    ("train.summary_images", -1, "train.summary_images = -1: must be 0 (off) or an integer >= 1"),
     ("eval.beam_width", 0, "eval.beam_width = 0: must be an integer >= 1"),
     ("eval.length_normalization", "sum", "must be one of 'none', 'average', 'gnmt'"),
     ("eval.alpha", -0.5, "eval.alpha = -0.5: must be a number >= 0"),
     ("eval.select_metric", "METEOR", "eval.select_metric = 'METEOR': must be one of"),
     ("demo.num_examples", -1, "demo.num_examples = -1: must be an integer >= 0"),
+    ("data.caption_buckets", -1, "must be 0 (pad every batch to max_len) or an integer >= 1"),
+    ("eval.block_trigrams", 1, "eval.block_trigrams = 1: must be True or False"),
 ])
 def test_each_bad_value_is_named_with_what_it_must_be(name, value, message):
     problems = config_problems(_with(name, value), reference=demo.get_config())
@@ -87,25 +90,47 @@ def test_every_problem_is_listed_in_one_config_error():
 
 def test_fields_without_a_rule_take_the_type_of_the_reference_default():
     reference = demo.get_config()
-    reference.phases = ml_collections.ConfigDict({"steps": 100, "learning_rate": 1e-3, "name": "x"})
+    reference.finetune = ml_collections.ConfigDict({"steps": 100, "learning_rate": 1e-3, "name": "x"})
     reference.init_checkpoint = ""
     config = reference.to_dict()
     assert config_problems(config, reference) == []
-    config["phases"] = {"steps": "many", "learning_rate": 1, "name": "y"}  # an int passes for a float
+    config["finetune"] = {"steps": "many", "learning_rate": 1, "name": "y"}  # an int passes for a float
     config["init_checkpoint"] = 5
     assert config_problems(config, reference) == [
-        "init_checkpoint = 5: must be a string, like its default ''",
-        "phases.steps = 'many': must be an integer, like its default 100"]
+        "finetune.steps = 'many': must be an integer, like its default 100",
+        "init_checkpoint = 5: must be a string, like its default ''"]
     assert config_problems(config) == []  # no reference: only the registered rules
+
+
+def test_phases_and_the_self_critical_section():
+    from configs import scst
+
+    config = demo.get_config().to_dict()
+    config["phases"] = "xe,scst"
+    assert config_problems(config) == [
+        "phases = 'xe,scst': the scst phase needs a `scst` section, which the config lacks "
+        "(add one: c.scst = configs.scst.section())"]
+    config["scst"] = scst.section().to_dict()
+    assert config_problems(config) == []
+    config["phases"] = "xe,rl"
+    config["scst"].update(samples_per_image=1, temperature=0.0, baseline="max")
+    assert config_problems(config) == [
+        "phases = 'xe,rl': must be a comma-separated list of 'xe', 'scst', e.g. 'xe,scst'",
+        "scst.baseline = 'max': must be one of 'mean', 'greedy'",
+        "scst.temperature = 0.0: must be a number > 0"]
+    config["phases"], config["scst"]["baseline"], config["scst"]["temperature"] = "xe,scst", "mean", 1.0
+    assert config_problems(config) == [
+        "scst.samples_per_image = 1: the 'mean' baseline needs at least 2 samples per image (each is baselined "
+        "by the others); use 5, or scst.baseline='greedy'"]
 
 
 def test_registered_rule_and_missing_sections_of_older_runs():
     assert config_problems({"model": {"units": 8}}) == []  # absent fields are not checked
     try:
-        register_field("scst.num_samples", Int(min=1))
-        assert config_problems({"scst": {"num_samples": 0}}) == ["scst.num_samples = 0: must be an integer >= 1"]
+        register_field("finetune.num_layers", Int(min=1))
+        assert config_problems({"finetune": {"num_layers": 0}}) == ["finetune.num_layers = 0: must be an integer >= 1"]
     finally:
-        del config_validation.FIELDS["scst.num_samples"]
+        del config_validation.FIELDS["finetune.num_layers"]
 
 
 def test_choices_agree_with_the_library():
@@ -113,15 +138,19 @@ def test_choices_agree_with_the_library():
     from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
+    from showtell_dist.distribute.precision import REQUESTS
     from showtell_dist.run.run_dir import SELECTABLE_METRICS
-    from showtell_dist.training.train_loop import MIXED_PRECISION
+    from showtell_dist.training.phases import SECTIONS
+    from showtell_dist.training.self_critical import BASELINES
 
     assert set(config_validation.ENCODER_MIN_IMAGE_SIZE) == set(IMAGE_SIZES)
     assert config_validation.LAYOUT_CHOICES == ("auto",) + tuple(LAYOUTS)
     assert config_validation.FEATURE_NORM_CHOICES == tuple(FEATURE_NORMS)
-    assert config_validation.MIXED_PRECISION_CHOICES == tuple(MIXED_PRECISION)
+    assert config_validation.MIXED_PRECISION_CHOICES == tuple(REQUESTS)
     assert config_validation.LENGTH_NORMALIZATION_CHOICES == tuple(LENGTH_NORMALIZATIONS)
     assert config_validation.SELECT_METRIC_CHOICES == ("",) + tuple(SELECTABLE_METRICS)
+    assert config_validation.PHASE_SECTIONS == SECTIONS
+    assert config_validation.SCST_BASELINE_CHOICES == tuple(BASELINES)
 
 
 def test_a_hand_edited_run_config_is_refused_when_loaded(tmp_path):

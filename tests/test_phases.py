@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from configs import scst
 from showtell_dist.errors import ConfigError
-from showtell_dist.model.restore import load_trained_model
+from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
 from showtell_dist.training.phases import phase_at, phases_of, total_steps
 from tiny_setup import tiny_config

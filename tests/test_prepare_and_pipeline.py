@@ -199,7 +199,7 @@ def non_numeric(element_spec) -> list[str]:
 
 def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
     """Every batch a pipeline yields goes whole into strategy.run: no strings (a TPU infeed refuses them)."""
-    from showtell_dist.data import feature_cache
+    from showtell_dist.features import builder
 
     records_dir, manifest = tiny_dataset
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -216,7 +216,7 @@ def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
                                                  strategy.experimental_local_results(got))) == [], name
     files = pipeline.shard_files(manifest, _spec(records_dir, manifest))
     caching = strategy.experimental_distribute_dataset(
-        feature_cache._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
+        builder._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
     assert non_numeric(caching.element_spec) == []
 
 
@@ -356,3 +356,7 @@ def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
         assert np.abs(pixels - b[image_id][1]).mean() < 2.0  # the same pixels, up to the JPEG re-encoding
     with pytest.raises(ConfigError, match="resize_to"):
         prepare_dataset(str(raw), str(tmp_path / "bad"), PrepareOptions(resize_to=-1))
+    spec = pipeline.PipelineSpec(data_dir=str(tmp_path / "resized"), split="train", image_size=64,
+                                 captions_per_image=1, max_len=resized["max_len"], global_batch_size=4)
+    with pytest.raises(DataError, match="--resize_to=64"):
+        pipeline.train_input_fn(resized, spec)

@@ -1,9 +1,17 @@
 """The self-critical step: replica-count independent, XLA-compilable, and its gradient raises the reward."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+
+if __name__ == "__main__":  # run as a script (see the end): the repository and tests/ on the path
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 from configs import scst
 from showtell_dist.decoding.sampling import banned_mask, global_uniforms, sample_captions
@@ -24,10 +32,6 @@ def overlap_reward(samples, captions):
     n = tf.reduce_sum(tf.cast(words, tf.float32), axis=1)
     hits = tf.reduce_sum(tf.cast(tf.logical_and(words, found), tf.float32), axis=1)
     return hits / tf.maximum(n, 1.0) * tf.exp(-tf.square(n - 3.0) / 8.0)
-
-
-def _mirrored(n):
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
 
 
 def _train(strategy, steps=2, dtype_policy=POLICY, jit_compile=False, batch=None, **scst_overrides):
@@ -52,9 +56,20 @@ def single_device():
     return _train(tf.distribute.get_strategy())
 
 
-def test_mirrored_equals_one_device(single_device):
+def _train_mirrored_in_subprocess(tmp_path, replicas):
+    """Mirrored in a fresh process: in one process, a Mirrored strategy made earlier (another test's, in
+    float32) leaves collective instances that clash with this float64 one's."""
+    out = str(tmp_path / f"scst_r{replicas}.npz")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(replicas), out], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = np.load(out)
+    return json.loads(str(data["metrics"])), [data[f"w{i}"] for i in range(len(data.files) - 1)]
+
+
+def test_mirrored_equals_one_device(single_device, tmp_path):
     metrics_1, weights_1 = single_device
-    metrics_2, weights_2 = _train(_mirrored(2))
+    metrics_2, weights_2 = _train_mirrored_in_subprocess(tmp_path, 2)
     for a, b in zip(metrics_1, metrics_2):
         assert a["samples"] == b["samples"] == 8 * 5
         # The same samples: the same rewards and lengths, to the last bit of float32 sums.
@@ -127,3 +142,11 @@ def test_a_replicas_uniforms_are_its_slice_of_the_global_draw_with_or_without_xl
 def test_mean_baseline_needs_two_samples():
     with pytest.raises(ConfigError, match="at least 2 samples"):
         _train(tf.distribute.get_strategy(), steps=1, samples_per_image=1)
+
+
+if __name__ == "__main__":  # the Mirrored run of test_mirrored_equals_one_device: REPLICAS OUT.npz
+    from showtell_dist.distribute.strategy import create_strategy
+
+    replicas, out = int(sys.argv[1]), sys.argv[2]
+    metrics, weights = _train(create_strategy("mirrored", num_cpu_devices=replicas))
+    np.savez(out, metrics=json.dumps(metrics), **{f"w{i}": w for i, w in enumerate(weights)})

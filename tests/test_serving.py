@@ -213,11 +213,11 @@ def test_top_k_limits_the_captions(captioner):
 
 
 IMPORTS_SCRIPT = r"""
-import sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from showtell_dist.serving import SavedModelCaptioner, make_app
 make_app(SavedModelCaptioner.load(sys.argv[2]))
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("showtell_dist", "tensorflow_text")))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("showtell_dist", "tensorflow_text"))))
 """
 
 
@@ -227,7 +227,7 @@ def test_serving_imports_no_model_or_training_code(export_dir):
     proc = subprocess.run([sys.executable, "-c", IMPORTS_SCRIPT, REPO_ROOT, export_dir], env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    imported = eval(proc.stdout.strip().splitlines()[-1])  # a printed list of module names
+    imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(m == "showtell_dist" or m.startswith(("showtell_dist.serving", "showtell_dist.errors"))
                for m in imported), imported
 

@@ -79,19 +79,28 @@ def test_a_second_worker_runs_the_next_batch_while_the_first_is_busy():
     assert model.batches == [["a"], ["b", "c"]]
 
 
-def test_a_lone_request_runs_after_the_wait_without_company():
+def test_a_batch_waits_for_a_request_on_its_way_but_not_for_nobody():
     model = BlockingModel()
     model.gate.set()
 
     async def scenario():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_ms=1)
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_ms=60_000)
         await batcher.start()
-        result = await batcher.submit(["x"])
+        # Nobody else is arriving: the lone request runs at once, not after 60 s.
+        alone = await asyncio.wait_for(batcher.submit(["x"]), timeout=30)
+        with batcher.arriving():  # a second request is being read
+            first = asyncio.ensure_future(batcher.submit(["a"]))
+            await asyncio.sleep(0.05)
+            waited = model.batches[1:] == []
+        second = await asyncio.wait_for(batcher.submit(["b"]), timeout=30)
+        results = alone, await first, second
         await batcher.stop()
-        return result
+        return results, waited
 
-    assert _run(scenario()) == ["result:x"]
-    assert model.batches == [["x"]]
+    results, waited = _run(scenario())
+    assert results == (["result:x"], ["result:a"], ["result:b"])
+    assert waited
+    assert model.batches == [["x"], ["a", "b"]]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_next_batch_still_runs():

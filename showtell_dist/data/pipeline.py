@@ -32,7 +32,9 @@ enough files and by record otherwise. Training order is a pure function of the
 seed: each epoch reads its shards in an order drawn from (seed, epoch), a
 group of shards at a time, and permutes each group's records (`TrainOrder`).
 A resumed run therefore starts reading at the group it stopped in, whatever
-the step, and sees exactly the stream an uninterrupted run sees.
+the step, and sees exactly the stream an uninterrupted run sees (with
+`deterministic`; without it parallel decoding may swap neighbouring images,
+so batches near the resume point may differ by a few images).
 """
 
 from __future__ import annotations
@@ -155,6 +157,15 @@ def _to_element(parsed: dict, spec: PipelineSpec, seed=None) -> dict:
     else:
         inputs = {"images": decode_image_uint8(parsed["jpeg"], spec.image_size)}
     return {**inputs, "captions": _caption_matrix(parsed["captions"], spec, seed)}
+
+
+def _check_image_size(manifest: dict, spec: PipelineSpec) -> None:
+    """Records stored resized (prepare --resize_to) must be at the size the model takes."""
+    resized_to = manifest.get("resized_to")
+    if manifest_kind(manifest) == "images" and resized_to and int(resized_to) != spec.image_size:
+        raise DataError(f"the records at {spec.data_dir} hold images resized to {resized_to}x{resized_to} but the "
+                        f"model takes {spec.image_size}x{spec.image_size} (model.image_size): prepare them again "
+                        f"with --resize_to={spec.image_size} (or --resize_to=0 to keep the original sizes).")
 
 
 def _parser(manifest: dict):
@@ -315,6 +326,7 @@ def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
     (`TrainOrder`), not the records before it, and yields exactly the batches
     an uninterrupted run yields from that step on.
     """
+    _check_image_size(manifest, spec)
     parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -380,6 +392,7 @@ def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = N
     with empty images (no captions, so no loss, index -1) and then all-padding
     batches, so that every worker runs the same number of steps (`eval_steps`).
     """
+    _check_image_size(manifest, spec)
     parse_example = _parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:

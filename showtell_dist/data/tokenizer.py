@@ -119,7 +119,8 @@ def ptb_compatible(nlp):
     ]
     units_rule = r"(?<=[0-9])(?:{u})".format(u=UNITS)
     # Contractions in any case ("DON'T" -> "DO", "N'T"); spaCy's table has lower and Title case only.
-    contractions = [r"(?<=[{a}])(?i:n['\u2019]t)".format(a=a), r"(?<=[{a}])(?i:['\u2019](?:s|re|ll|ve|d|m))".format(a=a)]
+    contractions = [r"(?<=[{a}])(?i:n['\u2019]t)".format(a=a),
+                    r"(?<=[{a}])(?i:['\u2019](?:s|re|ll|ve|d|m))".format(a=a)]
     suffixes = [s for s in nlp.Defaults.suffixes if s != units_rule] + contractions + [r"(?<=[0-9])%"]
     prefixes = list(nlp.Defaults.prefixes) + [r"-+(?=[{a}])".format(a=a)]
     tokenizer.infix_finditer = compile_infix_regex(infixes).finditer

@@ -14,7 +14,8 @@ first frame, BMP) and resizing as in training, the encoder, beam search (one
 as a graph constant, then `tf.strings.reduce_join` over a ragged tensor).
 The export needs only core TensorFlow ops, so the loader imports nothing but
 `tensorflow`. It loads with `tf.saved_model.load` and with the session-based
-loader of TF Serving and `saved_model_cli run` (see `track_captured_variables`). The vocabulary is also written to `assets/vocab.json`.
+loader of TF Serving and `saved_model_cli run` (see `track_captured_variables`).
+The vocabulary is also written to `assets/vocab.json`.
 
 Decoding follows `Tokenizer.decode`: tokens after the first end token are
 dropped, so are the padding and start ids; the start and unknown tokens are

@@ -97,7 +97,8 @@ class ShowAndTell(keras.Model):
 
     def encode(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         """[batch, H, W, 3] 0..255 (uint8 from the input pipelines, or float) -> [batch, feature_dim]."""
-        images = tf.cast(images, tf.float32)  # on the device: the host sends a quarter of the bytes
+        if images.dtype.is_integer:  # uint8 from the input pipelines: cast on the device, a quarter of the bytes sent
+            images = tf.cast(images, tf.float32)
         # A frozen encoder always runs in inference mode (batch-norm statistics fixed).
         return self.encoder(images, training=training and self.encoder_trainable)
 

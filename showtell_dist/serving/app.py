@@ -119,11 +119,12 @@ class CaptionService:
 
     async def caption(self, request: web.Request) -> web.Response:
         top_k = _top_k(request, self.captioner.beam_width)
-        images = await read_request_images(request, max_bytes=self.settings.max_request_bytes,
-                                           max_images=self.settings.max_images_per_request)
-        raw_body = len(images) == 1 and images[0].name == "body"
-        headers = [check_image(image.data, name="the request body" if raw_body else f"file {image.name!r}",
-                               max_pixels=self.settings.max_image_pixels) for image in images]
+        with self.caller.arriving():  # batches forming meanwhile may wait for this request's images
+            images = await read_request_images(request, max_bytes=self.settings.max_request_bytes,
+                                               max_images=self.settings.max_images_per_request)
+            raw_body = len(images) == 1 and images[0].name == "body"
+            headers = [check_image(image.data, name="the request body" if raw_body else f"file {image.name!r}",
+                                   max_pixels=self.settings.max_image_pixels) for image in images]
         results = await self.caller.submit([image.data for image in images])
         for image, result in zip(images, results):
             if isinstance(result, ImageDecodeError):

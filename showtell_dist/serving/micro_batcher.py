@@ -6,7 +6,11 @@
 
 A batch opens when an image arrives while one of `num_batch_threads` worker
 threads is free; it is closed and captioned on that worker once it holds
-`max_batch_size` images or its first image has waited `max_wait_ms`. Images
+`max_batch_size` images, or its first image has waited `max_wait_ms`, or
+-- when no request is on its way (being read inside `arriving()`) -- the next
+request is not due before then at the recent rate, or is overdue (twice the
+mean time between requests has passed since the last one): a lone client's
+request does not wait for company that is not coming. Images
 that arrive while the workers are busy queue up and form the next batch, so
 under load batches fill without waiting. Two workers (TF Serving's
 num_batch_threads) let one batch's sequential beam-search steps overlap
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -66,6 +72,9 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.num_batch_threads = num_batch_threads
+        self._arriving = 0  # requests being read that will submit soon
+        self._last_submit = -math.inf  # time.monotonic() of the latest submit
+        self._mean_gap_s = math.inf  # moving average of the time between submits
         self.stats = BatchingStats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
@@ -90,15 +99,28 @@ class MicroBatcher:
             self._worker = None
         self._executor.shutdown(wait=True)
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Marks a request that is being read and will (probably) submit: a forming batch waits for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
     async def submit(self, items: list[Any]) -> list[Any]:
         """The results of `items`, computed in the next batches."""
         if self._worker is None:
             raise RuntimeError("MicroBatcher.submit before start()")
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        gap = now - self._last_submit
+        self._mean_gap_s = gap if math.isinf(self._mean_gap_s) else 0.8 * self._mean_gap_s + 0.2 * gap
+        self._last_submit = now
         futures = []
         for item in items:
             future = loop.create_future()
-            self._queue.put_nowait(_Pending(item, future, time.monotonic()))
+            self._queue.put_nowait(_Pending(item, future, now))
             futures.append(future)
         return list(await asyncio.gather(*futures))
 
@@ -109,7 +131,12 @@ class MicroBatcher:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
-            remaining = deadline - time.monotonic()
+            wait_until = deadline
+            if not self._arriving:  # no request is being read: wait only for one due at the recent rate
+                if math.isinf(self._mean_gap_s) or self._last_submit + self._mean_gap_s >= deadline:
+                    break
+                wait_until = min(deadline, self._last_submit + 2 * self._mean_gap_s)
+            remaining = wait_until - time.monotonic()
             if remaining <= 0:
                 break
             try:
@@ -166,6 +193,10 @@ class UnbatchedCaller:
 
     def describe(self) -> dict:
         return {"batching": False, "max_concurrent_calls": self.max_concurrent_calls, **self.stats.as_dict()}
+
+    @contextlib.contextmanager
+    def arriving(self):
+        yield
 
     async def start(self) -> None:
         pass

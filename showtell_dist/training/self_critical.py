@@ -44,17 +44,22 @@ BASELINES = ("mean", "greedy")
 RewardFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
-def cider_d_reward(document_frequencies) -> RewardFn:
-    """CIDEr-D of each sample against its references (reward/cider_d.py), on word ids."""
+def cider_d_reward(document_frequencies, caption_len: int) -> RewardFn:
+    """CIDEr-D of each sample against its references (reward/cider_d.py), on word ids.
+
+    caption_len: the dataset's padded caption length (manifest max_len); batches may hold
+    shorter ones (caption buckets) and are padded to it, since the reward needs static shapes.
+    """
     from showtell_dist.reward.cider_d import cider_d, word_ids
 
     def reward(samples: tf.Tensor, captions: tf.Tensor) -> tf.Tensor:
-        rows, refs, length = captions.shape
-        time = max(samples.shape[1], length)
+        rows, refs = captions.shape[0], captions.shape[1]
+        time = max(samples.shape[1], caption_len)
         candidates = word_ids(tf.pad(samples, [[0, 0], [0, time - samples.shape[1]]]),
                               start_id=START_ID, end_id=END_ID)  # [rows, time]
-        flat_refs = tf.pad(tf.reshape(captions, [rows * refs, length]), [[0, 0], [0, time - length]])
-        references = tf.reshape(word_ids(flat_refs, start_id=START_ID, end_id=END_ID), [rows, refs, time])
+        flat = tf.reshape(captions, [rows * refs, -1])[:, :time]  # [rows * refs, <= time]
+        flat = tf.ensure_shape(tf.pad(flat, [[0, 0], [0, time - tf.shape(flat)[1]]]), [rows * refs, time])
+        references = tf.reshape(word_ids(flat, start_id=START_ID, end_id=END_ID), [rows, refs, time])
         return tf.cast(cider_d(candidates, references, document_frequencies), tf.float32)
 
     return reward

@@ -68,12 +68,15 @@ def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
         shuffle_buffer=config.data.shuffle_buffer,
-        caption_buckets=pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0)),
+        # Teacher forcing runs over each batch's own caption bucket; self-critical steps take the references
+        # at the static max_len.
+        caption_buckets=(pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0))
+                         if phase is None or phase.name == "xe" else ()),
         deterministic=config.data.get("deterministic_input", True))
 
 
-def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model, run_state: RunState,
-                  log=print) -> Trainer:
+def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.Strategy, model,
+                  run_state: RunState, log=print) -> Trainer:
     """The trainer of a phase: a new optimizer over the run's model, step and weight average."""
     policy = keras.mixed_precision.global_policy().name  # set by build_experiment (resolve_precision)
     common = dict(mixed_precision=None if policy == "float32" else policy, jit_compile=config.train.jit_compile,
@@ -87,14 +90,14 @@ def build_trainer(config, phase: Phase, strategy: tf.distribute.Strategy, model,
     check_vocabulary_fits(model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
     df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
-    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df), **common)
+    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df, manifest["max_len"]), **common)
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
     """Makes `phase` the experiment's current phase: its trainer, and its optimizer in the checkpoint."""
     if phase is exp.phase:
         return
-    exp.trainer = build_trainer(exp.config, phase, strategy, exp.model, exp.run_state, log)
+    exp.trainer = build_trainer(exp.config, exp.manifest, phase, strategy, exp.model, exp.run_state, log)
     exp.checkpoint.optimizer = exp.trainer.optimizer
     exp.phase = phase
 
@@ -137,7 +140,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
                             use_cudnn=resolve_use_cudnn(kind, config.train.jit_compile))
     feature_cache.check_feature_dim(manifest, model, data_dir)
     run_state = RunState.create(strategy, model, config.train.get("weight_average_decay", 0.0))
-    trainer = build_trainer(config, phases[0], strategy, model, run_state)
+    trainer = build_trainer(config, manifest, phases[0], strategy, model, run_state)
     extra = {"weight_average": run_state.weight_average.averages} if run_state.weight_average else {}
     # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
     checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step, **extra)
