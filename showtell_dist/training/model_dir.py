@@ -23,6 +23,7 @@ from showtell_dist.errors import ConfigError
 # Settings that do not change what is trained.
 OPERATIONAL_KEYS = frozenset({
     "data.source_dir", "data.records_dir", "data.features_dir", "data.image_dir", "data.generate_synthetic",
+    "data.resize_to",  # how the records store images: resized at prepare time exactly as training resizes them
     "train.steps_per_loop", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_max_images", "train.summary_images", "train.jit_compile", "train.log_every", "demo.num_examples",
     # How validation captions are decoded and which checkpoint is kept: not what is trained.
