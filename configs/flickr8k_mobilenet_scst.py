@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scst.temperature = 1.0
     c.scst.dropout = False
     c.scst.xe_weight = 0.0
-    c.scst.learning_rate = 5e-5
+    c.scst.learning_rate = 1e-4
     c.scst.warmup_steps = 0
     c.scst.final_lr_ratio = 1.0       # constant
     c.scst.clip_norm = 5.0
