@@ -25,14 +25,18 @@ class ImageHeader:
     height: int
 
 
-class ImageRejected(Exception):
-    """The bytes are not an image the server will caption; `code` and `status` say why."""
+class Rejected(Exception):
+    """A client error: an HTTP `status` (4xx), a short machine-readable `code` and a message naming the fix."""
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+
+
+class ImageRejected(Rejected):
+    """The bytes are not an image the server will caption; `code` and `status` say why."""
 
 
 def check_image(data: bytes, *, name: str, max_pixels: int) -> ImageHeader:

@@ -13,16 +13,14 @@ import dataclasses
 from aiohttp import BodyPartReader, web
 from aiohttp.helpers import parse_mimetype
 
+from showtell_dist.serving.image_checks import Rejected
+
 RAW_BODY_TYPES = ("application/octet-stream",)  # and every image/* type
 CHUNK_BYTES = 1 << 16
 
 
-class RequestRejected(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class RequestRejected(Rejected):
+    """The request itself is malformed (content type, multipart, size, count)."""
 
 
 @dataclasses.dataclass(frozen=True)
