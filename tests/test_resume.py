@@ -82,6 +82,15 @@ def test_refuses_to_resume_with_a_different_vocabulary(tiny_dataset, tmp_path):
         train_loop.train(_config(records), STRATEGY, str(model_dir), show_progress=False)
 
 
+def test_refuses_checkpoints_without_their_config(tiny_dataset, tmp_path):
+    records, _ = tiny_dataset
+    model_dir = tmp_path / "run"
+    train_loop.train(_config(records), STRATEGY, str(model_dir), show_progress=False, stop_at_step=1)
+    (model_dir / "config.json").unlink()
+    with pytest.raises(ConfigError, match="holds checkpoints but .*config.json is missing"):
+        train_loop.train(_config(records), STRATEGY, str(model_dir), show_progress=False)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tiny_dataset, tmp_path):
     """A real preemption: SIGTERM to the launcher mid-run -> checkpoint, exit 143, then resume."""

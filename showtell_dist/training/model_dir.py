@@ -60,6 +60,13 @@ def prepare_model_dir(model_dir: str, config: dict, vocab_json: str, *, write: b
     """Saves config and vocabulary into model_dir, or checks them against a saved run."""
     config_path, vocab_path = f"{model_dir}/config.json", f"{model_dir}/vocab.json"
     saved_config, saved_vocab = _read(config_path), _read(vocab_path)
+    if saved_config is None and tf.train.latest_checkpoint(f"{model_dir}/checkpoints"):
+        # Checkpoints of unknown origin (config.json deleted, or saved into a directory being emptied):
+        # restoring them could mix two experiments, or fail deep in TensorFlow on a shape mismatch.
+        raise ConfigError(f"{model_dir}/checkpoints holds checkpoints but {config_path} is missing, so they cannot "
+                          "be checked against this run's config. Use a new --model_dir, delete "
+                          f"{model_dir}/checkpoints to start afresh, or put back the config.json and vocab.json "
+                          "of the run that wrote them.")
     if saved_config is not None:
         diffs = config_differences(json.loads(saved_config), config)
         if diffs:
