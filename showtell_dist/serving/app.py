@@ -25,7 +25,7 @@ import os
 
 from aiohttp import web
 
-from showtell_dist.serving.image_checks import ImageRejected, check_image
+from showtell_dist.serving.image_checks import Rejected, check_image
 from showtell_dist.serving.micro_batcher import MicroBatcher, UnbatchedCaller
 from showtell_dist.serving.request_images import RequestRejected, read_request_images
 from showtell_dist.serving.saved_model_captioner import ImageDecodeError, SavedModelCaptioner
@@ -55,7 +55,7 @@ async def _json_errors(request: web.Request, handler):
     """Every failure as a JSON error: the handlers' rejections, aiohttp's 404/405/413, and bugs as 500."""
     try:
         return await handler(request)
-    except (RequestRejected, ImageRejected) as exc:
+    except Rejected as exc:  # a bad request or a bad image
         return _error(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
