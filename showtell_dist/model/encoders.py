@@ -11,10 +11,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.config_fields import ENCODER_IMAGE_SIZES as IMAGE_SIZES  # native input size of each encoder
 from showtell_dist.errors import ConfigError
-
-# Native input size of each encoder.
-IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299}
 
 
 def _small_cnn(image_size: int) -> keras.Model:
