@@ -84,8 +84,17 @@ def define_config_flag(default: str | None, help_string: str):
 
 
 def run(main) -> None:
-    """app.run(main), with the --config overrides of unknown fields reported as `define_config_flag` says."""
+    """app.run(main), with the --config overrides of unknown fields reported as `define_config_flag` says,
+    and a --config file that does not exist refused (exit 2) before the flags are parsed."""
     def parse_flags(argv):
+        path, _ = _config_arguments(argv)
+        file = path.split(":", 1)[0] if path else None
+        if file and not os.path.isfile(file):
+            where = "" if os.path.abspath(os.getcwd()) == _bootstrap.REPO_ROOT else f" (in {_bootstrap.REPO_ROOT})"
+            print(f"error: --config={path}: no such config file ({os.path.abspath(file)}); pass one of "
+                  f"{', '.join(_shipped_configs())}{where}, or a file of your own with a get_config()",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
         with _unknown_config_fields_exit(argv):
             return app.parse_flags_with_usage(argv)
 
@@ -125,11 +134,9 @@ def _unknown_config_fields_exit(argv):
         sys.exit(2)
 
 
-def _unknown_config_fields(argv) -> list[str]:
-    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
-    from showtell_dist.config_validation import unknown_field_problem
-
-    path, overrides = _CONFIG_DEFAULT, {}
+def _config_arguments(argv) -> tuple:
+    """(the --config path given in argv, else None; {field: its --config.<field> argument})."""
+    path, overrides = None, {}
     for i, arg in enumerate(argv[1:], 1):
         if match := re.match(r"^--?config=(.*)$", arg):
             path = match.group(1)
@@ -137,6 +144,15 @@ def _unknown_config_fields(argv) -> list[str]:
             path = argv[i + 1]
         elif match := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
             overrides.setdefault(match.group(1), arg)
+    return path, overrides
+
+
+def _unknown_config_fields(argv) -> list[str]:
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+    from showtell_dist.config_validation import unknown_field_problem
+
+    path, overrides = _config_arguments(argv)
+    path = path or _CONFIG_DEFAULT
     if not path or not overrides:
         return []
     try:

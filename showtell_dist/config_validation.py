@@ -255,7 +255,8 @@ def validate_config(config, *, source: str = "the config", reference=None,
         raise ConfigError(f"{source}: {len(problems)} invalid value(s):\n  " + "\n  ".join(problems) + "\n" + fix)
 
 
-def unknown_field_problem(config, name: str, *, source: str = "the config", others: Mapping | None = None) -> str | None:
+def unknown_field_problem(config, name: str, *, source: str = "the config",
+                          others: Mapping | None = None) -> str | None:
     """Why the dotted field `name` (e.g. "train.bogus") cannot be set in `config`, or None when it can.
 
     The message names the field and `source`, suggests the close names of its section (difflib),

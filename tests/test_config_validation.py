@@ -317,3 +317,12 @@ def test_a_wrong_init_checkpoint_is_refused_with_exit_2_before_records_are_prepa
                              "checkpoint prefix (no /nonexistent/ckpt.index), a run directory")
     assert "phases" not in result.stderr  # init_checkpoint is set: scst may come first
     assert not os.listdir(tmp_path)
+
+
+def test_a_config_file_that_does_not_exist_is_refused_with_exit_2(tmp_path):
+    result = _launch("train.py", "--config=configs/demos.py", "--config.train.steps=5",
+                     f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    _refused_before_any_work(result, f"error: --config=configs/demos.py: no such config file "
+                             f"({tmp_path / 'configs' / 'demos.py'}); pass one of configs/demo.py, ",
+                             f"configs/flickr8k_mobilenet_scst.py (in {REPO}), or a file of your own")
+    assert not os.listdir(tmp_path)
