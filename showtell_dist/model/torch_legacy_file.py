@@ -149,10 +149,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _load_pickle(f, path: str, storages: dict, what: str):
     try:
         return _RestrictedUnpickler(f, path, storages).load()
+    except UnsafePickleError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise UnsafePickleError(f"{path}: {exc} Refusing to load it (unpickling can run arbitrary code).") from None
     except UserError:
         raise
     except Exception as exc:  # a malformed stream: nothing outside this module ran
-
         raise ConfigError(f"{path}: cannot read its {what} as a legacy PyTorch file ({exc}); is it a .pth "
                           "written by torch.save?") from exc
 
@@ -214,6 +217,6 @@ def read_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         item = data.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(data[ref.offset:], shape=ref.size,
                                                strides=[s * item for s in ref.stride], writeable=False)
-        tensors[name] = np.ascontiguousarray(view)
+        tensors[name] = np.array(view, order="C")  # a copy; np.ascontiguousarray would make a scalar 1-d
     return tensors
 
