@@ -185,6 +185,10 @@ def test_a_view_beyond_its_storage_is_refused(tmp_path):
     write_legacy_file(path, [("w", "1", np.float32, 4, 2, (3,), (1,))], {"1": np.zeros(4, np.float32)})
     with pytest.raises(ConfigError, match=r"tensor w .* reaches beyond its storage of 4 elements"):
         read_state_dict(str(path))
+    huge = tmp_path / "huge.pth"  # 10^12 elements from one, by zero strides
+    write_legacy_file(huge, [("w", "1", np.float32, 1, 0, (10**6, 10**6), (0, 0))], {"1": np.zeros(1, np.float32)})
+    with pytest.raises(ConfigError, match=r"tensor w .* reaches beyond its storage of 1 elements"):
+        read_state_dict(str(huge))
 
 
 # ----------------------------------------------------------------------------

@@ -30,10 +30,12 @@ tensor is returned as a contiguous array with its torch shape.
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import struct
 
 import numpy as np
+import tensorflow as tf
 
 from showtell_dist.errors import ConfigError, UserError
 
@@ -166,7 +168,7 @@ def read_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
     Raises UnsafePickleError when a pickle of the file names anything beyond
     the tensor-rebuild names, ConfigError when the file is not such a file.
     """
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:  # local or gs://
         head = f.read(4)
         if head.startswith(b"PK"):
             raise ConfigError(f"{path} is a zip-format PyTorch file (torch >= 1.6); only the legacy format is "
@@ -211,7 +213,7 @@ def read_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarray]":
         data = ref.storage.data
         # Elements the view reaches: offset + sum((size - 1) * stride) must be inside the storage.
         last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) if all(ref.size) else -1
-        if last >= data.size:
+        if last >= data.size or math.prod(ref.size) > data.size:  # the second: no memory bomb of 0 strides
             raise ConfigError(f"{path}: tensor {name} (size {ref.size}, stride {ref.stride}, offset {ref.offset}) "
                               f"reaches beyond its storage of {data.size} elements.")
         item = data.dtype.itemsize
