@@ -28,8 +28,9 @@ from showtell_dist.errors import ConfigError
 
 # model.encoder -> its native input size (model.image_size = 0 means this), and the least image size
 # its layers accept.
-ENCODER_IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299}
-ENCODER_MIN_IMAGE_SIZES = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75}
+# (efficientnet_lite2's 260 is model/efficientnet_lite.py's VARIANTS["lite2"].resolution; a test checks.)
+ENCODER_IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299, "efficientnet_lite2": 260}
+ENCODER_MIN_IMAGE_SIZES = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75, "efficientnet_lite2": 32}
 # data.layout (besides "auto", which detects one of these): data/layouts.py reads each.
 LAYOUTS = ("tutorial", "flickr", "coco", "karpathy")
 LAYOUT_CHOICES = ("auto",) + LAYOUTS

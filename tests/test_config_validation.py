@@ -138,6 +138,7 @@ def test_the_library_takes_its_choices_from_config_fields():
     from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
     from showtell_dist.distribute.precision import REQUESTS
     from showtell_dist.distribute.strategy import STRATEGIES
+    from showtell_dist.model import efficientnet_lite
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
     from showtell_dist.run.run_dir import SELECTABLE_METRICS
@@ -145,6 +146,7 @@ def test_the_library_takes_its_choices_from_config_fields():
     from showtell_dist.training.self_critical import BASELINES
 
     assert IMAGE_SIZES is config_fields.ENCODER_IMAGE_SIZES
+    assert IMAGE_SIZES["efficientnet_lite2"] == efficientnet_lite.VARIANTS["lite2"].resolution
     assert set(config_fields.ENCODER_MIN_IMAGE_SIZES) == set(IMAGE_SIZES)
     assert LAYOUTS is config_fields.LAYOUTS and config_fields.LAYOUT_CHOICES == ("auto",) + LAYOUTS
     assert FEATURE_NORMS is config_fields.FEATURE_NORMS
