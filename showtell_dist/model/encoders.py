@@ -19,12 +19,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.config_fields import ENCODER_IMAGE_SIZES as IMAGE_SIZES  # native input size of each encoder
 from showtell_dist.errors import ConfigError
 from showtell_dist.model import efficientnet_lite, torch_legacy_file
-
-# Native input size of each encoder.
-IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299,
-               "efficientnet_lite2": efficientnet_lite.VARIANTS["lite2"].resolution}  # 260
 
 
 def _small_cnn(image_size: int) -> keras.Model:
