@@ -189,6 +189,11 @@ FIELDS: dict[str, Field] = {
     "scst.warmup_steps": Int(min=0),
     "scst.final_lr_ratio": Float(min=0, max=1),
     "scst.clip_norm": Float(min=0),
+    "scst.reward_end_token": Bool(),
+    # every phase's schedule (training/optimizer.py)
+    **{f"{section}.{name}": field for section in PHASE_SECTIONS.values() for name, field in (
+        ("schedule_steps", Int(min=1, zero="as long as the phase's steps")),
+        ("decay_fraction", Float(min=0, max=1, min_open=True)))},
 }
 
 
@@ -230,9 +235,22 @@ def _scst_mean_baseline_has_samples(config: Mapping) -> list[str]:
             "(each is baselined by the others); use 5, or scst.baseline='greedy'"]
 
 
+def _schedules_cover_their_phases(config: Mapping) -> list[str]:
+    problems = []
+    for section in PHASE_SECTIONS.values():
+        s = config.get(section)
+        if not isinstance(s, Mapping) or not s.get("schedule_steps"):
+            continue
+        total, steps = s["schedule_steps"], s.get("steps")
+        if not FIELDS[f"{section}.schedule_steps"].problem(total) and isinstance(steps, int) and total < steps:
+            problems.append(f"{section}.schedule_steps = {total}: shorter than {section}.steps = {steps}; set it "
+                            ">= steps, or 0 for a schedule as long as the phase")
+    return problems
+
+
 # Rules between fields: config (a plain nested dict) -> messages.
 CROSS_CHECKS: list[Callable[[Mapping], list[str]]] = [_image_size_fits_encoder, _phases_have_sections,
-                                                      _scst_mean_baseline_has_samples]
+                                                      _scst_mean_baseline_has_samples, _schedules_cover_their_phases]
 
 
 def _as_dict(config) -> dict:
