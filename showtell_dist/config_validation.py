@@ -32,7 +32,7 @@ from showtell_dist.errors import ConfigError
 # LAYOUTS, model/show_and_tell.py FEATURE_NORMS, distribute/precision.py REQUESTS,
 # decoding/beam_search.py LENGTH_NORMALIZATIONS, run/run_dir.py SELECTABLE_METRICS,
 # training/phases.py SECTIONS, training/self_critical.py BASELINES.
-ENCODER_MIN_IMAGE_SIZE = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75}
+ENCODER_MIN_IMAGE_SIZE = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75, "efficientnet_lite2": 32}
 LAYOUT_CHOICES = ("auto", "tutorial", "flickr", "coco", "karpathy")
 FEATURE_NORM_CHOICES = ("batch", "layer", "none")
 MIXED_PRECISION_CHOICES = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
