@@ -118,6 +118,11 @@ FIELDS: dict[str, Field] = {
     "scst.warmup_steps": Int(min=0),
     "scst.final_lr_ratio": Float(min=0, max=1),
     "scst.clip_norm": Float(min=0),
+    "scst.reward_end_token": Bool(),
+    # every phase's schedule (training/optimizer.py)
+    **{f"{section}.{name}": field for section in PHASE_SECTIONS.values() for name, field in (
+        ("schedule_steps", Int(min=1, zero="as long as the phase's steps")),
+        ("decay_fraction", Float(min=0, max=1, min_open=True)))},
 }
 
 
@@ -174,10 +179,23 @@ def _phases_start_from_trained_weights(config: Mapping) -> list[str]:
             "run's weights (--config.init_checkpoint=runs/<run>/best, a checkpoint prefix, or a run directory)"]
 
 
+def _schedules_cover_their_phases(config: Mapping) -> list[str]:
+    problems = []
+    for section in PHASE_SECTIONS.values():
+        s = config.get(section)
+        if not isinstance(s, Mapping) or not s.get("schedule_steps"):
+            continue
+        total, steps = s["schedule_steps"], s.get("steps")
+        if not FIELDS[f"{section}.schedule_steps"].problem(total) and isinstance(steps, int) and total < steps:
+            problems.append(f"{section}.schedule_steps = {total}: shorter than {section}.steps = {steps}; set it "
+                            ">= steps, or 0 for a schedule as long as the phase")
+    return problems
+
+
 # Rules between fields: config (a plain nested dict) -> messages.
 CROSS_CHECKS: list[Callable[[Mapping], list[str]]] = [_image_size_fits_encoder, _phases_have_sections,
                                                       _scst_mean_baseline_has_samples,
-                                                      _phases_start_from_trained_weights]
+                                                      _phases_start_from_trained_weights, _schedules_cover_their_phases]
 
 
 def _as_dict(config) -> dict:

@@ -403,8 +403,11 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     "length_normalization", "alpha", "remove_bad_endings", "block_trigrams", "checkpoint", "step" (lists for
     an ensemble), "images_per_s" (after the first batch,
     which also compiles), "decode_seconds", "first_batch_seconds", "strategy", "replicas",
-    "records_dir", "files": {name: path}}.
+    "records_dir", "files": {name: path}}. The metrics end with the fractions of captions that end on a
+    function word and that are distinct ("bad endings", "distinct captions"); "caption_soundness" holds
+    their counts (caption_soundness.py).
     """
+    from showtell_dist.evaluation import caption_soundness
     from showtell_dist.evaluation import metrics as coco_metrics
     from showtell_dist.evaluation import report
 
@@ -423,11 +426,13 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     references = {i: e["references"] for i, e in refs.items()}
     corpus, per_image = coco_metrics.score_captions({r["image_id"]: r["caption"] for r in results}, references,
                                                     use_meteor=use_meteor)
+    soundness = caption_soundness.caption_soundness(r["caption"] for r in results)
     output_dir = output_dir.rstrip("/")
     tf.io.gfile.makedirs(output_dir)
     files = {name: f"{output_dir}/{name}" for name in (METRICS_FILE, CAPTIONS_FILE, REPORT_FILE)}
     summary = {
-        "metrics": corpus,
+        "metrics": {**corpus, **caption_soundness.as_metrics(soundness)},  # bad endings, distinct captions
+        "caption_soundness": soundness,
         "split": split,
         "num_images": len(results),
         "beam_width": beam_width,

@@ -103,14 +103,12 @@ def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.
         from showtell_dist.training.trainer import FineTuneTrainer
 
         return FineTuneTrainer(strategy, model, phase.section, **common)
-    from showtell_dist.reward.cider_d import check_vocabulary_fits
-    from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
-    from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+    from showtell_dist.training.self_critical import build_self_critical_trainer
 
-    check_vocabulary_fits(model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
-    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
-    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df, manifest["max_len"]), **common)
+    reward_dir = feature_cache.data_dir_of(config)
+    return build_self_critical_trainer(strategy, model, phase.section, reward_dir, load_manifest(reward_dir), log,
+                                       **common)
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
