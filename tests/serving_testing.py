@@ -1,4 +1,4 @@
-"""Helpers of the caption server's tests: a captioner whose calls wait at a gate, test images, /metrics parsing."""
+"""Helpers of the caption server's tests: the tiny export, test images, a gated captioner, /metrics parsing."""
 
 import asyncio
 import io
@@ -6,12 +6,59 @@ import threading
 
 import aiohttp
 import numpy as np
+import pytest
+import tensorflow as tf
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from showtell_dist.serving import ImageCaptions
 
+BEAM = 3
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_trained_dir, tmp_path_factory):
+    """The tiny trained model exported with beam 3 (import this fixture into a test module to use it)."""
+    from showtell_dist.export import export_saved_model
+    from showtell_dist.run.restore import load_trained_model
+
+    path = str(tmp_path_factory.mktemp("serving") / "export")
+    export_saved_model(load_trained_model(tiny_trained_dir), path, beam_width=BEAM)
+    return path
+
+
+def make_image(seed: int, fmt: str = "JPEG", size=(40, 56)) -> bytes:
+    """A deterministic picture: a gradient with a coloured block whose place and colour depend on `seed`."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 4, y * 6, (x + y) * 2], -1).clip(0, 255).astype(np.uint8)  # [h, w, 3]
+    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    pixels[top:top + h // 2, left:left + w // 2] = rng.integers(0, 256, 3)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def noisy_jpeg(seed: int, side: int, quality: int = 95) -> bytes:
+    """Noise compresses badly: 900 x 900 at quality 95 is about 0.96 MB, a large image for a 1 MB limit."""
+    pixels = np.random.default_rng(seed).integers(0, 256, [side, side, 3], dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def direct(export_dir, images):
+    """What one call of the SavedModel per image returns: [(captions, scores)]."""
+    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+    results = []
+    for image in images:
+        out = serve(images=tf.constant([image]))
+        captions, scores = out["captions"].numpy()[0].astype(str), out["scores"].numpy()[0]
+        kept = [(c, float(s)) for c, s in zip(captions, scores) if c and np.isfinite(s)]
+        results.append(([c for c, _ in kept], [s for _, s in kept]))
+    return results
 
 
 def small_png(seed: int = 0, size=(12, 16)) -> bytes:
