@@ -6,12 +6,17 @@
 
 A batch opens when an image is queued while one of `num_batch_threads` worker
 threads is free. It is closed and captioned on that worker once it holds
-`max_batch_size` images, or once no other image is queued and no request is
-on its way (being read inside `arriving()`): a lone client's request runs at
-once and never pays for batching. While requests are on their way the batch
-waits for them, its first image at most `max_wait_ms`. Images that arrive
-while the workers are busy queue up and form the next batch, so under load
-batches fill without waiting. Two workers (TF Serving's num_batch_threads)
+`max_batch_size` images, or its first image has waited `max_wait_ms`, or no
+other image is queued and nobody else is expected:
+  - a request on its way (being read inside `arriving()`) is waited for;
+  - with no other batch running and nothing on its way, nothing else is
+    waiting: the batch runs at once, so a lone client never pays for batching
+    (its next request cannot come before this one is answered);
+  - while another batch runs (its clients will be back), the batch waits only
+    for a request due at the recent rate, and not past twice the mean time
+    between requests.
+Images that arrive while the workers are busy queue up and form the next
+batch, so under load batches fill without waiting. Two workers (TF Serving's num_batch_threads)
 let one batch's sequential beam-search steps overlap another's on a CPU; the
 event loop keeps accepting requests meanwhile. A request's images may be
 split over consecutive batches; each request gets its own results back in
@@ -125,6 +130,8 @@ class MicroBatcher:
         self.observer = observer or CallObserver()
         self.queued_images = 0  # images in the queue, not yet in a batch (dropped ones excluded)
         self._arriving = 0  # requests being read that will submit soon
+        self._last_submit = -math.inf  # loop.time() of the latest submit
+        self._mean_gap_s = math.inf  # moving average of the time between submits
         self._queue: collections.deque[_Pending] = collections.deque()  # may still hold DROPPED entries
         self._changed: asyncio.Event | None = None  # set when an image is queued or a request stops arriving
         self.stats = BatchingStats()
@@ -199,6 +206,9 @@ class MicroBatcher:
             raise QueueFull(self.queued_images, len(items), self.max_queued_images)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        gap = now - self._last_submit
+        self._mean_gap_s = gap if math.isinf(self._mean_gap_s) else 0.8 * self._mean_gap_s + 0.2 * gap
+        self._last_submit = now
         entries = [_Pending(item, loop.create_future(), now) for item in items]
         self._queue.extend(entries)
         self.queued_images += len(entries)
@@ -219,8 +229,8 @@ class MicroBatcher:
                     self.stats.dropped_images += 1
             if not gathered.done():
                 gathered.cancel()
-            elif not gathered.cancelled():
-                gathered.exception()  # retrieved: no "exception was never retrieved" warning
+            # Retrieved, so that a failure nobody awaits any more logs no "exception was never retrieved".
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _take(self, batch: list[_Pending]) -> bool:
         """Moves the next queued image into `batch`; False when none is queued."""
@@ -243,8 +253,15 @@ class MicroBatcher:
         while len(batch) < self.max_batch_size:
             if self._take(batch):
                 continue
-            remaining = close_at - loop.time()
-            if not self._arriving or remaining <= 0:  # nobody else is on the way: run now
+            wait_until = close_at
+            if not self._arriving:
+                if not self._running:  # nothing else queued, running or on its way: nobody to wait for
+                    break
+                if math.isinf(self._mean_gap_s) or self._last_submit + self._mean_gap_s >= close_at:
+                    break  # the next request is not due before the batch would close anyway
+                wait_until = min(close_at, self._last_submit + 2 * self._mean_gap_s)
+            remaining = wait_until - loop.time()
+            if remaining <= 0:
                 break
             self._changed.clear()
             try:
