@@ -162,15 +162,22 @@ async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) 
             "p99": float(np.percentile(latencies, 99)) if latencies else float("nan"), "elapsed": elapsed}
 
 
-async def ok_latency_buckets(url: str) -> dict[float, float]:
-    """{bucket upper bound: cumulative count} of the server's latency histogram for its 200s (GET /metrics)."""
+async def scrape(url: str) -> tuple[dict[float, float], dict[str, float]]:
+    """From GET /metrics: the latency histogram of the server's 200s ({bucket upper bound: cumulative count})
+    and its answers by outcome ({outcome: count})."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/metrics") as response:
             text = await response.text()
-    return {float(s.labels["le"]): s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "showtell_caption_request_latency_seconds_bucket" and s.labels.get("outcome") == "ok"}
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    buckets = {float(s.labels["le"]): s.value for s in samples
+               if s.name == "showtell_caption_request_latency_seconds_bucket" and s.labels.get("outcome") == "ok"}
+    outcomes = {}
+    for s in samples:
+        if s.name == "showtell_caption_requests_total":
+            outcomes[s.labels["outcome"]] = outcomes.get(s.labels["outcome"], 0.0) + s.value
+    return buckets, outcomes
 
 
 def p99_bucket(before: dict[float, float], after: dict[float, float]) -> float:
@@ -181,9 +188,12 @@ def p99_bucket(before: dict[float, float], after: dict[float, float]) -> float:
 
 
 async def overload_row(url: str, images: list[bytes], rate: float, seconds: float) -> dict:
-    before = await ok_latency_buckets(url)
+    before, outcomes_before = await scrape(url)
     row = await open_loop(url, images, rate, seconds)
-    row["server_p99"] = p99_bucket(before, await ok_latency_buckets(url))
+    after, outcomes_after = await scrape(url)
+    row["server_p99"] = p99_bucket(before, after)
+    for outcome in ("shed", "deadline"):  # how the 503s divide, as the server counted them
+        row[outcome + "_503"] = outcomes_after.get(outcome, 0.0) - outcomes_before.get(outcome, 0.0)
     return row
 
 
@@ -312,13 +322,13 @@ def main():
     print(f"\noverload: launch/serve.py in its own process, capacity {capacity:.1f} images/s ({top} clients); "
           f"requests scheduled open-loop at {args.overload_factor:g}x = {rate:.1f}/s for {args.overload_seconds:g} s; "
           f"bound on: --max_queued_images={queue_bound} --request_timeout_s={args.overload_deadline_s:g}:")
-    print("| queue bound | sent req/s | served images/s | shed (503) | p50 latency of 200s | p99 latency of 200s "
-          "| p99 in the server |")
+    print("| queue bound | sent req/s | served images/s | 503 (queue full + deadline) | p50 latency of 200s "
+          "| p99 latency of 200s | p99 in the server |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in ("on", "off"):
         row = overload[name]
-        print(f"| {name} | {row['sent']:.1f} | {row['served']:.1f} | {row['shed']:.1%} | "
-              f"{row['p50']:.2f} s | {row['p99']:.2f} s | <= {row['server_p99']:g} s |")
+        print(f"| {name} | {row['sent']:.1f} | {row['served']:.1f} | {row['shed']:.1%} ({row['shed_503']:.0f} + "
+              f"{row['deadline_503']:.0f}) | {row['p50']:.2f} s | {row['p99']:.2f} s | <= {row['server_p99']:g} s |")
 
 
 if __name__ == "__main__":
