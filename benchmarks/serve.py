@@ -289,7 +289,7 @@ def main():
 
         top = max(clients)
         batching_flags = [f"--max_batch_size={args.max_batch_size}", f"--batch_timeout_ms={args.batch_timeout_ms}",
-                          f"--num_batch_threads={args.num_batch_threads}"]
+                          f"--num_batch_threads={args.num_batch_threads}", "--max_images_per_request=1"]
         unbounded = ["--max_queued_images=0", "--max_queued_mb=0", "--request_timeout_s=1e6"]
         overload = {}
         with serve_subprocess(export_dir, batching_flags + unbounded) as url:

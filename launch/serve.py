@@ -81,6 +81,10 @@ def main(argv):
             raise ConfigError(f"--max_queued_mb={_MAX_QUEUED_MB.value:g} is below --max_request_mb="
                               f"{_MAX_REQUEST_MB.value:g}: a request at the size limit could never be held; raise "
                               "--max_queued_mb or lower --max_request_mb.")
+        if 0 < _MAX_QUEUED_IMAGES.value < _MAX_IMAGES.value:
+            raise ConfigError(f"--max_queued_images={_MAX_QUEUED_IMAGES.value} is below --max_images_per_request="
+                              f"{_MAX_IMAGES.value}: a request with that many images could never be queued; raise "
+                              "--max_queued_images or lower --max_images_per_request.")
         export_dir = _EXPORT_DIR.value or os.path.join(_MODEL_DIR.value.rstrip("/"), "export")
 
         from showtell_dist.serving import SavedModelCaptioner, ServerSettings, make_app, serve_forever

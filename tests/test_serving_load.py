@@ -62,7 +62,8 @@ def test_overload_sheds_with_503_within_memory_and_deadline_and_metrics_agree(ex
     proc, url = _start_server([sys.executable, os.path.join(REPO_ROOT, "launch", "serve.py"),
                                f"--export_dir={export_dir}", "--port=0", f"--max_request_mb={MAX_REQUEST_MB}",
                                f"--max_queued_mb={MAX_QUEUED_MB}", f"--max_queued_images={MAX_QUEUED_IMAGES}",
-                               f"--request_timeout_s={REQUEST_TIMEOUT_S}", "--max_batch_size=8"])
+                               f"--request_timeout_s={REQUEST_TIMEOUT_S}", "--max_batch_size=8",
+                               "--max_images_per_request=4"])
 
     async def scenario():
         connector = aiohttp.TCPConnector(limit=CLIENTS)
@@ -198,6 +199,7 @@ def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0(export_d
     ("--max_queued_mb=1", ["--max_queued_mb=1", "--max_request_mb=10"]),
     ("--request_timeout_s=0", ["--request_timeout_s=0", "positive"]),
     ("--max_queued_images=-1", ["--max_queued_images=-1", "0: unbounded"]),
+    ("--max_queued_images=8", ["--max_queued_images=8", "--max_images_per_request=32"]),
 ])
 def test_serve_launcher_refuses_bad_backpressure_flags(tmp_path, flag, words):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
