@@ -35,7 +35,7 @@ import os
 
 from aiohttp import web
 
-from showtell_dist.serving.backpressure import BytesFull, HeldBytes, Unavailable
+from showtell_dist.serving.backpressure import BytesFull, HeldBytes, Unavailable, retry_after_seconds
 from showtell_dist.serving.image_checks import Rejected, check_image
 from showtell_dist.serving.metrics import ServingMetrics
 from showtell_dist.serving.micro_batcher import DeadlineExceeded, MicroBatcher, QueueFull, UnbatchedCaller
@@ -170,7 +170,7 @@ class CaptionService:
         wait = self._retry_after_s()
         return Unavailable("queue_full_images", f"the server is at capacity: {exc.queued} images are queued and "
                            f"this request's {exc.adding} would take the queue over max_queued_images={exc.limit} "
-                           f"(--max_queued_images): retry after {max(1, round(wait))} s.",
+                           f"(--max_queued_images): retry after {retry_after_seconds(wait)} s.",
                            retry_after_s=wait, limit="max_queued_images")
 
     def _bytes_full(self, exc: BytesFull) -> Unavailable:
@@ -178,7 +178,7 @@ class CaptionService:
         return Unavailable("queue_full_bytes",
                            f"the server is at capacity: it holds {exc.held} bytes of request bodies and this "
                            f"request's {exc.adding} would take it over max_queued_bytes={exc.limit} "
-                           f"({exc.limit / 2**20:g} MB, --max_queued_mb): retry after {max(1, round(wait))} s.",
+                           f"({exc.limit / 2**20:g} MB, --max_queued_mb): retry after {retry_after_seconds(wait)} s.",
                            retry_after_s=wait, limit="max_queued_bytes")
 
     def _draining(self) -> Unavailable:
@@ -277,7 +277,7 @@ class CaptionService:
             wait = self._retry_after_s()
             raise Unavailable("deadline_exceeded", f"the request was still queued at its deadline, "
                               f"--request_timeout_s={self.settings.request_timeout_s:g} s after it arrived, and its "
-                              f"images were dropped: the server is overloaded; retry after {max(1, round(wait))} s.",
+                              f"images were dropped: the server is overloaded; retry after {retry_after_seconds(wait)} s.",
                               retry_after_s=wait, limit="request_timeout_s") from None
         for image, result in zip(images, results):
             if isinstance(result, ImageDecodeError):

@@ -16,12 +16,17 @@ import math
 from showtell_dist.serving.image_checks import Rejected
 
 
+def retry_after_seconds(wait_s: float) -> int:
+    """Retry-After's whole seconds for an expected wait: rounded up, at least 1."""
+    return max(1, math.ceil(wait_s))
+
+
 class Unavailable(Rejected):
     """503: the server will not take this request now; `retry_after_s` goes out as Retry-After."""
 
     def __init__(self, code: str, message: str, *, retry_after_s: float, limit: str | None = None):
         super().__init__(503, code, message)
-        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        self.retry_after_s = retry_after_seconds(retry_after_s)
         self.limit = limit
 
 
