@@ -1,5 +1,5 @@
 """Imports run one way: launchers -> training / evaluation / export / serving -> run / features -> model,
-decoding, data, reward, distribute -> storage -> errors. Every import of every module is checked, including the
+decoding, data, reward, distribute, config_validation -> storage, config_fields -> errors. Every import of every module is checked, including the
 ones inside functions, so a lazy import cannot hide a circle."""
 
 import ast
@@ -13,8 +13,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "showtell_dist"
 # A package may import packages of a lower layer only (and its own modules).
 LAYERS = {
     "errors": 0,
-    "storage": 1, "config_validation": 1,
-    "data": 2, "decoding": 2, "distribute": 2, "model": 2, "reward": 2,
+    "storage": 1, "config_fields": 1,
+    "config_validation": 2, "data": 2, "decoding": 2, "distribute": 2, "model": 2, "reward": 2,
     "run": 3, "features": 3,
     "training": 4, "evaluation": 4, "export": 4, "serving": 4,
 }

@@ -45,6 +45,7 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
+from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
@@ -65,14 +66,6 @@ DEFAULT_PER_REPLICA_BATCH = 32
 # ----------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
 def _check_model_in_scope(trained: TrainedModel, strategy: tf.distribute.Strategy) -> None:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.config_fields import FEATURE_NORMS
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.encoders import build_encoder
 
-
-FEATURE_NORMS = ("batch", "layer", "none")
 
 
 def dropout_seed(base_seed: int, step, replica_id) -> tf.Tensor:

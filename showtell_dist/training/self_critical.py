@@ -34,9 +34,8 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import greedy_decode
 from showtell_dist.decoding.sampling import banned_mask, global_uniforms, sample_captions, sampling_log_probs
 from showtell_dist.errors import ConfigError
+from showtell_dist.config_fields import SCST_BASELINES as BASELINES
 from showtell_dist.training.trainer import SUM, Trainer, _count_tokens, _flatten_captions
-
-BASELINES = ("mean", "greedy")
 
 # reward_fn(samples [rows, T] generated ids (no <start>, <end> included, 0-padded),
 #           captions [rows, C, L] the reference token rows as in the batch (<start> ... <end>, 0-padded))
