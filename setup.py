@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "pycocoevalcap",
         "aiohttp>=3.9",  # launch/serve.py's HTTP server
+        "prometheus-client>=0.20",  # the caption server's GET /metrics
     ],
     extras_require={
         # EfficientNet-Lite2's ImageNet weights (a legacy PyTorch file, read without torch; ~25 MB)
