@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
-from showtell_dist.run.run_dir import RunDir, resolve_checkpoint
+from showtell_dist.run.run_dir import RunDir, checkpoint_at
 
 CONFIG = {"model": {"units": 16}, "train": {"learning_rate": 0.1, "checkpoint_every": 2}}
 VOCAB = json.dumps({"words": ["<pad>", "<start>", "<end>", "<unk>", "a"]})
@@ -79,13 +79,11 @@ def test_one_resolver_for_every_way_of_naming_a_checkpoint(tmp_path):
     assert run.resolve_checkpoint() == run.resolve_checkpoint("best") == best
     assert run.resolve_checkpoint("latest") == latest
     # A prefix, a directory of checkpoints or a run directory, with or without a run.
-    assert resolve_checkpoint(first) == run.resolve_checkpoint(first) == first
-    assert resolve_checkpoint(run.checkpoints + "/") == latest
-    assert resolve_checkpoint(run.path, named_by="init_checkpoint") == best
-    with pytest.raises(ConfigError, match=r"init_checkpoint '.*nowhere' is neither a checkpoint prefix"):
-        resolve_checkpoint(str(tmp_path / "nowhere"), named_by="init_checkpoint")
-    with pytest.raises(ConfigError, match="no run directory was given"):
-        resolve_checkpoint("best")
+    assert checkpoint_at(first) == run.resolve_checkpoint(first) == first
+    assert checkpoint_at(run.checkpoints + "/") == run.resolve_checkpoint(run.checkpoints) == latest
+    assert checkpoint_at(run.path) == RunDir(str(tmp_path)).resolve_checkpoint(run.path) == best
+    with pytest.raises(ConfigError, match=r"'.*nowhere' is neither a checkpoint prefix"):
+        run.resolve_checkpoint(str(tmp_path / "nowhere"))
 
 
 def test_a_moved_run_finds_its_selected_checkpoint_beside_selection_json(tmp_path):

@@ -42,7 +42,7 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
                        strategy: tf.distribute.Strategy | None = None) -> TrainedModel:
     """The model of `model_dir` with the weights of `checkpoint`.
 
-    `checkpoint` is resolved by `run_dir.resolve_checkpoint`: a prefix, a
+    `checkpoint` is resolved by `RunDir.resolve_checkpoint`: a prefix, a
     directory of checkpoints, a run directory, "best", "latest" or None (the
     selected one when the run selected one, else the latest). Variables are created in
     `strategy`'s scope when one is given, so the model can decode under it.

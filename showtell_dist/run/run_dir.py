@@ -39,6 +39,7 @@ import json
 import ml_collections
 import tensorflow as tf
 
+from showtell_dist.config_fields import SELECTABLE_METRICS
 from showtell_dist.config_validation import validate_config
 from showtell_dist.errors import ConfigError
 from showtell_dist.storage.atomic_files import write_json_atomically
@@ -50,8 +51,6 @@ BEST_DIR = "best"
 SELECTION_FILE = "selection.json"
 EXPORT_DIR = "export"
 SUMMARY_DIRS = ("train", "eval")
-# METEOR is not offered: selection scores leave it out (its JVM costs ~10 s a call).
-SELECTABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 
 # Settings that do not change what is trained: they may differ when a run directory is reused.
 OPERATIONAL_KEYS = frozenset({
@@ -94,45 +93,21 @@ def _read(path: str) -> str | None:
         return f.read()
 
 
-def resolve_checkpoint(checkpoint: str | None, run: RunDir | None = None, *, named_by: str = "--checkpoint") -> str:
-    """The checkpoint prefix `checkpoint` names; the one resolver of checkpoints.
-
-      a checkpoint prefix (runs/x/checkpoints/ckpt-500)    that checkpoint
-      a directory holding checkpoints (runs/x/best)         its latest
-      a run directory (runs/x)                              its selected checkpoint, else its latest
-      with `run`: "best"                                    the run's selected checkpoint
-                  "latest"                                  the run's latest
-                  None                                      the run's selected checkpoint, else its latest
-
-    named_by: the flag or config key that gave `checkpoint`, named in the errors.
-    """
-    if checkpoint in (None, "best", "latest"):
-        if run is None:
-            raise ConfigError(f"{named_by}={checkpoint!r} names a checkpoint of a run, but no run directory was "
-                              "given; pass a checkpoint prefix or a directory.")
-        path = run.best_checkpoint() if checkpoint in (None, "best") else None
-        if path is not None:
-            return path
-        if checkpoint == "best":
-            raise ConfigError(f"{run.path} has no selected checkpoint (its run had no eval.select_metric or has "
-                              "not evaluated yet); pass --checkpoint=latest or a checkpoint prefix.")
-        return _latest_in(run.checkpoints, named_by)
-    path = checkpoint.rstrip("/")
+def checkpoint_at(path: str) -> str:
+    """The checkpoint prefix `path` names, found without knowing its run: a checkpoint prefix (with its
+    .index), a run directory (its selected checkpoint, else its latest: `RunDir.resolve_checkpoint`) or a
+    directory holding checkpoints (its latest, e.g. runs/x/best). E.g. config.init_checkpoint."""
+    path = path.rstrip("/")
     if tf.io.gfile.exists(path + ".index"):
         return path
     if tf.io.gfile.exists(join(path, CONFIG_FILE)):
-        return resolve_checkpoint(None, RunDir(path), named_by=named_by)
-    if tf.io.gfile.isdir(path):
-        return _latest_in(path, named_by)
-    raise ConfigError(f"{named_by} {path!r} is neither a checkpoint prefix (no {path}.index) nor a directory "
-                      "holding checkpoints; pass e.g. runs/x/best or runs/x/checkpoints/ckpt-3500.")
-
-
-def _latest_in(directory: str, named_by: str) -> str:
-    latest = tf.train.latest_checkpoint(directory)
-    if latest is None:
-        raise ConfigError(f"no checkpoint in {directory} ({named_by}); train first or pass a checkpoint prefix.")
-    return latest
+        return RunDir(path).resolve_checkpoint()
+    found = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else None
+    if found:
+        return found
+    raise ConfigError(f"{path!r} is neither a checkpoint prefix (no {path}.index), a run directory (no "
+                      f"{CONFIG_FILE}) nor a directory holding checkpoints; pass e.g. runs/x/best, runs/x or "
+                      "runs/x/checkpoints/ckpt-3500.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +217,27 @@ class RunDir:
         return tf.train.latest_checkpoint(self.checkpoints)
 
     def resolve_checkpoint(self, checkpoint: str | None = None) -> str:
-        """`resolve_checkpoint(checkpoint, self)`: None is the selected checkpoint, else the latest."""
-        return resolve_checkpoint(checkpoint, self)
+        """The checkpoint prefix `checkpoint` names in this run; the one resolver of checkpoints.
+
+          None        the selected checkpoint (best/) when the run selected one, else the latest
+          "best"      the selected checkpoint
+          "latest"    the latest of checkpoints/
+          any path    `checkpoint_at(path)`: a checkpoint prefix (e.g. runs/x/checkpoints/ckpt-500), a
+                      run directory or a directory holding checkpoints (its latest)
+        """
+        if checkpoint not in (None, "best", "latest"):
+            return checkpoint_at(checkpoint)
+        if checkpoint != "latest":
+            best = self.best_checkpoint()
+            if best is not None:
+                return best
+            if checkpoint == "best":
+                raise ConfigError(f"{self.path} has no selected checkpoint (its run had no eval.select_metric or "
+                                  "has not evaluated yet); pass --checkpoint=latest or a checkpoint prefix.")
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"no checkpoint in {self.checkpoints}; train first or pass --checkpoint=PREFIX.")
+        return latest
 
     # -- writing (training) --------------------------------------------------
 
@@ -300,5 +294,3 @@ def select_metric_of(config) -> str:
         raise ConfigError(f"eval.select_metric={metric!r} is not a selection metric; use one of "
                           f"{', '.join(SELECTABLE_METRICS)}, or '' to keep only the latest checkpoints.")
     return metric
-
-

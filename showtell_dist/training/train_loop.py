@@ -39,7 +39,7 @@ from showtell_dist.errors import ConfigError
 from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.run.run_dir import RunDir, resolve_checkpoint
+from showtell_dist.run.run_dir import RunDir, checkpoint_at
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
@@ -101,14 +101,12 @@ def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.
         from showtell_dist.training.trainer import FineTuneTrainer
 
         return FineTuneTrainer(strategy, model, phase.section, **common)
-    from showtell_dist.reward.cider_d import check_vocabulary_fits
-    from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
-    from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+    from showtell_dist.training.self_critical import build_self_critical_trainer
 
-    check_vocabulary_fits(model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
-    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
-    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df, manifest["max_len"]), **common)
+    reward_dir = feature_cache.data_dir_of(config)
+    return build_self_critical_trainer(strategy, model, phase.section, reward_dir, load_manifest(reward_dir), log,
+                                       **common)
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
@@ -181,10 +179,18 @@ def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(model=exp.model, step=exp.run_state.step, **extra)
 
 
+def _resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a prefix, a directory of checkpoints (e.g. runs/x/best) or a model_dir."""
+    try:
+        return checkpoint_at(path)
+    except ConfigError as exc:
+        raise ConfigError(f"init_checkpoint: {exc}") from exc
+
+
 def load_init_checkpoint(exp: Experiment, path: str, log=print) -> None:
     """Starts the run from another run's weights: the moving average of them when that run kept one
     (what its evaluation and selection used), else its raw weights. Step and optimizer start afresh."""
-    prefix = resolve_checkpoint(path, named_by="init_checkpoint")  # a prefix, a directory or a run
+    prefix = _resolve_checkpoint(path)
     try:
         tf.train.Checkpoint(model=exp.model).restore(prefix).expect_partial().assert_existing_objects_matched()
         averaged = any(name.startswith("weight_average/") for name, _ in tf.train.list_variables(prefix))
