@@ -26,17 +26,17 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+from showtell_dist.decoding import options as decoding_options
 from showtell_dist.errors import ConfigError
 
 # The library's choices (see the module docstring): model/encoders.py IMAGE_SIZES, data/layouts.py
 # LAYOUTS, model/show_and_tell.py FEATURE_NORMS, distribute/precision.py REQUESTS,
-# decoding/beam_search.py LENGTH_NORMALIZATIONS, run/run_dir.py SELECTABLE_METRICS,
+# run/run_dir.py SELECTABLE_METRICS,
 # training/phases.py SECTIONS, training/self_critical.py BASELINES.
 ENCODER_MIN_IMAGE_SIZE = {"small_cnn": 16, "mobilenet_v2": 32, "inception_v3": 75}
 LAYOUT_CHOICES = ("auto", "tutorial", "flickr", "coco", "karpathy")
 FEATURE_NORM_CHOICES = ("batch", "layer", "none")
 MIXED_PRECISION_CHOICES = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
-LENGTH_NORMALIZATION_CHOICES = ("none", "average", "gnmt")
 SELECT_METRIC_CHOICES = ("", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 PHASE_SECTIONS = {"xe": "train", "finetune": "finetune", "scst": "scst"}
 SCST_BASELINE_CHOICES = ("mean", "greedy")
@@ -158,12 +158,10 @@ FIELDS: dict[str, Field] = {
     "train.jit_compile": Bool(),
     "train.weight_average_decay": Float(min=0, max=1, min_open=True, max_open=True, zero="no moving average"),
     # eval
-    "eval.beam_width": Int(min=1),
-    "eval.length_normalization": Choice(LENGTH_NORMALIZATION_CHOICES),
-    "eval.alpha": Float(min=0),
+    # the decoding options' rules are theirs (decoding/options.py)
+    **{f"{decoding_options.CONFIG_SECTION}.{name}": Field(object, *decoding_options.rule(name))
+       for name in decoding_options.CONFIG_KEYS},
     "eval.select_metric": Choice(SELECT_METRIC_CHOICES),
-    "eval.remove_bad_endings": Bool(),
-    "eval.block_trigrams": Bool(),
     # demo
     "demo.num_examples": Int(min=0),
     # phases and the self-critical phase (configs/scst.py)

@@ -135,7 +135,6 @@ def test_registered_rule_and_missing_sections_of_older_runs():
 
 def test_choices_agree_with_the_library():
     from showtell_dist.data.layouts import LAYOUTS
-    from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
     from showtell_dist.distribute.precision import REQUESTS
@@ -147,7 +146,6 @@ def test_choices_agree_with_the_library():
     assert config_validation.LAYOUT_CHOICES == ("auto",) + tuple(LAYOUTS)
     assert config_validation.FEATURE_NORM_CHOICES == tuple(FEATURE_NORMS)
     assert config_validation.MIXED_PRECISION_CHOICES == tuple(REQUESTS)
-    assert config_validation.LENGTH_NORMALIZATION_CHOICES == tuple(LENGTH_NORMALIZATIONS)
     assert config_validation.SELECT_METRIC_CHOICES == ("",) + tuple(SELECTABLE_METRICS)
     assert config_validation.PHASE_SECTIONS == SECTIONS
     assert config_validation.SCST_BASELINE_CHOICES == tuple(BASELINES)

@@ -13,15 +13,18 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "showtell_dist"
 # A package may import packages of a lower layer only (and its own modules).
 LAYERS = {
     "errors": 0,
-    "storage": 1, "config_validation": 1,
-    "data": 2, "decoding": 2, "distribute": 2, "model": 2, "reward": 2,
+    "storage": 1,
+    "data": 2, "decoding": 2, "distribute": 2, "model": 2, "reward": 2, "config_validation": 2,
     "run": 3, "features": 3,
     "training": 4, "evaluation": 4, "export": 4, "serving": 4,
 }
 # Imports within a layer that are allowed. Training scores with evaluation (never the other way round).
 # data/prepare.py writes CIDEr-D document frequencies with reward/cider_d.py, which reads token ids from
 # data/tokenizer.py: both directions between these two packages, but no module circle (checked below).
-SIDEWAYS = {("training", "evaluation"), ("data", "reward"), ("reward", "data")}
+# The decoder reads the special token ids from data/tokenizer.py; config validation reads the decoding
+# options' rules from decoding/options.py (neither is imported back).
+SIDEWAYS = {("training", "evaluation"), ("data", "reward"), ("reward", "data"), ("decoding", "data"),
+            ("config_validation", "decoding")}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -29,7 +29,7 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)
 @pytest.fixture(scope="module")
 def export_dir(tiny_trained_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("serving") / "export")
-    export_saved_model(load_trained_model(tiny_trained_dir), path, beam_width=BEAM)
+    export_saved_model([load_trained_model(tiny_trained_dir)], path, DecodeOptions(beam_width=BEAM))
     return path
 
 
