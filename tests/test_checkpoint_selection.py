@@ -99,7 +99,7 @@ def test_selection_config_errors(tiny_dataset, tiny_trained_dir, tmp_path):
         train_loop.train(config, tf.distribute.get_strategy(), str(tmp_path / "m"), show_progress=False)
     config.eval.select_metric = METRIC
     config.eval.length_normalization = "sideways"
-    with pytest.raises(ConfigError, match="length_normalization='sideways'"):
+    with pytest.raises(ConfigError, match="length_normalization = 'sideways': must be one of"):
         train_loop.train(config, tf.distribute.get_strategy(), str(tmp_path / "n"), show_progress=False)
     # A run without selection: "best" is refused with what to do instead; the default is the latest.
     with pytest.raises(ConfigError, match="no selected checkpoint.*--checkpoint=latest"):
