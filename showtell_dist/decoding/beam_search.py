@@ -56,6 +56,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
 from showtell_dist.errors import ConfigError
 
@@ -292,10 +293,6 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
-def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer.")
-    return value
 
 
 # ----------------------------------------------------------------------------

@@ -10,39 +10,29 @@ option is defined here, applied in beam_search.py, and named nowhere else. To ad
 constraint: add a field and its rule below (the config field `eval.<name>` and its validation follow)
 and apply it in `beam_search._constrain`, then pass it on in decoder.py.
 
-This module imports no TensorFlow: config validation (config_validation.py) reads the rules below.
+This module imports no TensorFlow: config validation (config_validation.py) reads the rules below. The
+rules are config_fields.py's kinds, the length normalisations its choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
+from showtell_dist.config_fields import LENGTH_NORMALIZATIONS, POSITIVE_INT, Bool, Choice, Field, Float
 from showtell_dist.errors import ConfigError
 
-LENGTH_NORMALIZATIONS = ("none", "average", "gnmt")
 CONFIG_SECTION = "eval"  # the config section whose fields of the same names set the options
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# name -> (what a value must be, the test): the single rule of each option.
-_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "beam_width": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
-    "length_normalization": ("one of " + ", ".join(repr(c) for c in LENGTH_NORMALIZATIONS),
-                             lambda v: isinstance(v, str) and v in LENGTH_NORMALIZATIONS),
-    "alpha": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
-    "remove_bad_endings": ("True or False", lambda v: isinstance(v, bool)),
-    "block_trigrams": ("True or False", lambda v: isinstance(v, bool)),
-    "max_new_tokens": ("None (the vocabulary's longest caption) or an integer >= 1",
-                       lambda v: v is None or (_is_int(v) and v >= 1)),
+# The single rule of each option.
+_RULES: dict[str, Field] = {
+    "beam_width": POSITIVE_INT,
+    "length_normalization": Choice(LENGTH_NORMALIZATIONS),
+    "alpha": Float(min=0),
+    "remove_bad_endings": Bool(),
+    "block_trigrams": Bool(),
+    "max_new_tokens": Field(object, "None (the vocabulary's longest caption) or an integer >= 1",
+                            lambda v: v is None or POSITIVE_INT.problem(v) is None),
 }
 
 
@@ -92,8 +82,8 @@ class DecodeOptions:
         return {name: getattr(self, name) for name in CONFIG_KEYS}
 
 
-def rule(name: str) -> tuple[str, Callable[[Any], bool]]:
-    """(what a value of option `name` must be, its test), for config validation."""
+def rule(name: str) -> Field:
+    """The rule of option `name`, for config validation."""
     return _RULES[name]
 
 
@@ -102,9 +92,9 @@ def problems(values: Mapping, prefix: str = "") -> list[str]:
     names prefixed with `prefix`."""
     out = []
     for name, value in values.items():
-        expect, ok = _RULES[name]
-        if not ok(value):
-            out.append(f"{prefix}{name} = {value!r}: must be {expect}")
+        problem = _RULES[name].problem(value)
+        if problem:
+            out.append(f"{prefix}{name} = {value!r}: {problem}")
     return out
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from showtell_dist.config_fields import PHASE_SECTIONS as SECTIONS  # phase name -> its config section
 from showtell_dist.errors import ConfigError
-
-# phase name -> its config section
-SECTIONS = {"xe": "train", "finetune": "finetune", "scst": "scst"}
 
 
 @dataclasses.dataclass(frozen=True)

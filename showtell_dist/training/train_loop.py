@@ -40,7 +40,7 @@ from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.run.run_dir import CONFIG_FILE, resolve_checkpoint
+from showtell_dist.run.run_dir import checkpoint_at
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import Phase, phase_at, phases_of
@@ -103,14 +103,12 @@ def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.
         from showtell_dist.training.trainer import FineTuneTrainer
 
         return FineTuneTrainer(strategy, model, phase.section, **common)
-    from showtell_dist.reward.cider_d import check_vocabulary_fits
-    from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
-    from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+    from showtell_dist.training.self_critical import build_self_critical_trainer
 
-    check_vocabulary_fits(model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
-    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(config), log=log)
-    return SelfCriticalTrainer(strategy, model, phase.section, cider_d_reward(df, manifest["max_len"]), **common)
+    reward_dir = feature_cache.data_dir_of(config)
+    return build_self_critical_trainer(strategy, model, phase.section, reward_dir, load_manifest(reward_dir), log,
+                                       **common)
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
@@ -185,16 +183,10 @@ def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
 
 def _resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix, a directory of checkpoints (e.g. runs/x/best) or a model_dir."""
-    path = path.rstrip("/")
-    if tf.io.gfile.exists(path + ".index"):
-        return path
-    if tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):  # a run directory: its selected checkpoint, else its latest
-        return resolve_checkpoint(path)
-    found = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else None
-    if found:
-        return found
-    raise ConfigError(f"init_checkpoint {path!r} is neither a checkpoint prefix (no {path}.index) nor a directory "
-                      "holding checkpoints; pass e.g. runs/x/best or runs/x/checkpoints/ckpt-3500.")
+    try:
+        return checkpoint_at(path)
+    except ConfigError as exc:
+        raise ConfigError(f"init_checkpoint: {exc}") from exc
 
 
 def load_init_checkpoint(exp: Experiment, path: str, log=print) -> None:
