@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from showtell_dist.config_fields import SELECTABLE_METRICS
 from showtell_dist.config_validation import validate_config
+from showtell_dist.decoding.options import CONFIG_KEYS as DECODE_CONFIG_KEYS, CONFIG_SECTION, DecodeOptions
 from showtell_dist.errors import ConfigError
 from showtell_dist.storage.atomic_files import write_json_atomically
 
@@ -59,8 +60,7 @@ OPERATIONAL_KEYS = frozenset({
     "train.steps_per_loop", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_max_images", "train.summary_images", "train.jit_compile", "train.log_every", "demo.num_examples",
     # How validation captions are decoded and which checkpoint is kept: not what is trained.
-    "eval.beam_width", "eval.length_normalization", "eval.alpha", "eval.select_metric",
-    "eval.remove_bad_endings", "eval.block_trigrams",
+    "eval.select_metric", *(f"{CONFIG_SECTION}.{name}" for name in DECODE_CONFIG_KEYS),
 })
 
 
@@ -278,14 +278,9 @@ def _eval_section(config):
     return config.get("eval", None) or {}
 
 
-def eval_options(config) -> dict:
+def eval_options(config) -> DecodeOptions:
     """The decoding options of a run's config (its `eval` section), with defaults for older runs."""
-    section = _eval_section(config)
-    return {"beam_width": section.get("beam_width", 3),
-            "length_normalization": section.get("length_normalization", "average"),
-            "alpha": section.get("alpha", 0.6),
-            "remove_bad_endings": bool(section.get("remove_bad_endings", False)),
-            "block_trigrams": bool(section.get("block_trigrams", False))}
+    return DecodeOptions.from_config(config)
 
 
 def select_metric_of(config) -> str:
