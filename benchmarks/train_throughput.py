@@ -85,7 +85,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from configs import flickr8k_mobilenet  # noqa: E402
-from showtell_dist.data import feature_cache, pipeline, records  # noqa: E402
+from showtell_dist.data import dataset_dir, feature_cache, pipeline, records  # noqa: E402
 from showtell_dist.data.tokenizer import END_ID, START_ID  # noqa: E402
 from showtell_dist.model.show_and_tell import build_model  # noqa: E402
 from showtell_dist.training.loss import masked_token_loss_sum  # noqa: E402
@@ -154,7 +154,7 @@ def write_synthetic_features_cache(directory: str, args, num_images: int = 2000,
     shards = []
     per_shard = -(-num_images // num_shards)
     for s in range(num_shards):
-        name = records.shard_name("train", s, num_shards)
+        name = dataset_dir.shard_name("train", s, num_shards)
         ids = range(s * per_shard, min(num_images, (s + 1) * per_shard))
         with tf.io.TFRecordWriter(os.path.join(directory, name)) as writer:
             for i in ids:

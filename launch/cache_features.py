@@ -31,7 +31,7 @@ def main(argv):
     config = _CONFIG.value
     with cli.user_errors():
         cli.validate_config(config)  # every bad value in one message, before any work
-        from showtell_dist.data import feature_cache
+        from showtell_dist.data import dataset_dir, feature_cache
         from showtell_dist.data.prepare import ensure_prepared
         from showtell_dist.errors import ConfigError
         from showtell_dist.features import builder
@@ -45,7 +45,7 @@ def main(argv):
                                           strategy=strategy, batch_size=_BATCH.value, splits=_SPLITS.value,
                                           progress=_PROGRESS.value)
         print(builder.summarize(manifest))
-        print(f"wrote {output_dir.rstrip('/')}/manifest.json")
+        print(f"wrote {dataset_dir.join(output_dir, dataset_dir.MANIFEST)}")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,10 @@ cli.define_decode_flags()
 
 
 def _default_data_dir(config) -> str:
-    import tensorflow as tf
-
-    from showtell_dist.data import feature_cache
+    from showtell_dist.data import dataset_dir, feature_cache
 
     data_dir = feature_cache.data_dir_for(config)  # the records once the run has fine-tuned its encoder
-    if data_dir != config.data.records_dir and tf.io.gfile.exists(f"{data_dir.rstrip('/')}/manifest.json"):
+    if data_dir != config.data.records_dir and dataset_dir.is_prepared(data_dir):
         return data_dir  # the encoder's features, cached: decoding skips the encoder
     return config.data.records_dir
 
@@ -52,20 +50,19 @@ def main(argv):
         from showtell_dist.evaluation import caption_soundness
         from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
-        from showtell_dist.run.run_dir import read_selection
+        from showtell_dist.run.run_dir import RunDir
 
         check_java()
         members = cli.load_models(strategy)
         first = members[0]
         records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
         from showtell_dist.data import feature_cache
-        from showtell_dist.data.prepare import load_manifest
+        from showtell_dist.data.dataset_dir import load_manifest
 
         for member in members:  # a features cache cannot serve a run that fine-tuned its encoder
             feature_cache.check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
-        model_dir = flags.FLAGS.model_dir[0].rstrip("/")
-        output_dir = _OUTPUT_DIR.value or (f"{model_dir}/eval_{_SPLIT.value}"
-                                           + ("_ensemble" if len(members) > 1 else ""))
+        run = RunDir(flags.FLAGS.model_dir[0])
+        output_dir = _OUTPUT_DIR.value or run.eval_output(_SPLIT.value, ensemble=len(members) > 1)
         options = cli.decode_options(first.config)
         checkpoints = "; ".join(f"{m.checkpoint_path} (step {m.step})" for m in members)
         print(f"checkpoint{'s' if len(members) > 1 else ''} {checkpoints}; {_SPLIT.value} split of {records_dir}; "
@@ -74,7 +71,7 @@ def main(argv):
         summary = evaluate_split(members, records_dir, _SPLIT.value, strategy, output_dir, options,
                                  SplitOptions(_MAX_IMAGES.value, _BATCH.value, _PROGRESS.value),
                                  ReportOptions(_METEOR.value, _REPORT.value,
-                                               selection=read_selection(model_dir)))  # val curves in report.html
+                                               selection=run.read_selection()))  # val curves in report.html
         if not summary:  # a worker of a multi-worker job: it decoded its share, the chief reports
             return
         speed = summary["images_per_s"]

@@ -28,10 +28,11 @@ cli.define_decode_flags("Captions per image (beam size).")
 
 def main(argv):
     del argv
-    export_dir = _EXPORT_DIR.value or f"{flags.FLAGS.model_dir[0].rstrip('/')}/export"
     with cli.user_errors():
         from showtell_dist.export import export_saved_model
+        from showtell_dist.run.run_dir import RunDir
 
+        export_dir = _EXPORT_DIR.value or RunDir(flags.FLAGS.model_dir[0]).export
         members = cli.load_models()
         options = cli.decode_options(members[0].config, max_new_tokens=_MAX_LEN.value)
         export_saved_model(members, export_dir, options)

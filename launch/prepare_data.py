@@ -37,6 +37,7 @@ _RESIZE_TO = flags.DEFINE_integer(
 def main(argv):
     del argv
     with cli.user_errors():
+        from showtell_dist.data.dataset_dir import MANIFEST, join
         from showtell_dist.data.prepare import PrepareOptions, prepare_dataset, summarize
 
         options = PrepareOptions(layout=_LAYOUT.value, image_dir=_IMAGE_DIR.value, lang=_LANG.value,
@@ -46,7 +47,7 @@ def main(argv):
                                  resize_to=_RESIZE_TO.value)
         manifest = prepare_dataset(_INPUT.value, _OUTPUT.value, options)
         print(summarize(manifest))
-        print(f"wrote {_OUTPUT.value}/manifest.json")
+        print(f"wrote {join(_OUTPUT.value, MANIFEST)}")
 
 
 if __name__ == "__main__":

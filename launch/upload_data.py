@@ -24,14 +24,14 @@ _ZONE = flags.DEFINE_string("zone", None, "Zone of the TPU/VMs that will read it
 def main(argv):
     del argv
     with cli.user_errors():
-        from showtell_dist.data.prepare import load_manifest
+        from showtell_dist.data import dataset_dir
         from showtell_dist.storage import gcs
 
-        manifest = load_manifest(_LOCAL.value)  # refuse to upload something that is not a dataset
+        manifest = dataset_dir.load_manifest(_LOCAL.value)  # refuse to upload something that is not a dataset
         report = gcs.upload_directory(_LOCAL.value, _GS_URL.value, max_workers=_WORKERS.value)
         print(f"uploaded {len(report.uploaded)} file(s), {len(report.already_complete)} already complete, "
               f"{report.retries} retried request(s)")
-        gcs.validate_dataset(_GS_URL.value, manifest)
+        dataset_dir.validate(_GS_URL.value, manifest)
         print(f"{_GS_URL.value} matches its manifest")
         if _ZONE.value:
             bucket, _ = gcs.split_gs_url(_GS_URL.value)

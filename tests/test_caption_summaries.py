@@ -41,7 +41,7 @@ def _read_eval_events(model_dir):
 def _first_val(records_dir, n):
     """(image id, decoded picture) of the first n val records, in record order."""
     from showtell_dist.data import records
-    from showtell_dist.data.prepare import load_manifest
+    from showtell_dist.data.dataset_dir import load_manifest
 
     manifest = load_manifest(records_dir)
     files = [os.path.join(records_dir, s["file"]) for s in manifest["splits"]["val"]["shards"]]
@@ -94,10 +94,10 @@ def test_the_same_images_after_a_resume(resumed_run):
 
 def test_references_are_the_records_captions(resumed_run, tiny_dataset):
     records_dir, _, _, events = resumed_run
-    from showtell_dist.evaluation.evaluator import scan_records
+    from showtell_dist.data.dataset_dir import read_examples
 
     expected = _first_val(records_dir, SAMPLES)
-    refs = scan_records(records_dir, "val", [i for i, _ in expected])
+    refs = read_examples(records_dir, "val", [i for i, _ in expected])
     for k, (image_id, _) in enumerate(expected):
         text = next(v for t, (p, v) in events[6].items() if p == "text" and t.startswith(f"{TEXT_TAG}/{k:02d}_"))
         for r in refs[image_id]["references"]:

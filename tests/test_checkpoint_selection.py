@@ -11,7 +11,7 @@ from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
 from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
-from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, read_selection
+from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, RunDir
 from tiny_setup import tiny_config
 
 METRIC = "BLEU-1"  # a tiny model's captions score above 0 on it, so the choice between steps is real
@@ -41,7 +41,7 @@ def selected_run(tiny_dataset, tmp_path_factory):
 
 def test_selection_keeps_the_best_scoring_step_across_a_resume(selected_run):
     model_dir, _, metrics, logs = selected_run
-    selection = read_selection(model_dir)
+    selection = RunDir(model_dir).read_selection()
     history = selection["history"]
     assert [h["step"] for h in history] == [2, 4, 6]  # the history survives the resume
     values = [h["metrics"][METRIC] for h in history]
@@ -59,15 +59,15 @@ def test_selection_keeps_the_best_scoring_step_across_a_resume(selected_run):
 
 def test_a_finished_run_launched_again_scores_nothing_twice(selected_run):
     model_dir, config, _, _ = selected_run
-    before = read_selection(model_dir)
+    before = RunDir(model_dir).read_selection()
     metrics, _ = train_loop.train(config, tf.distribute.get_strategy(), model_dir, show_progress=False)
-    assert read_selection(model_dir) == before
+    assert RunDir(model_dir).read_selection() == before
     assert metrics["best_step"] == before["best"]["step"]
 
 
 def test_selected_checkpoint_scores_what_selection_recorded(selected_run, tmp_path):
     model_dir, config, _, _ = selected_run
-    best = read_selection(model_dir)["best"]
+    best = RunDir(model_dir).read_selection()["best"]
     trained = load_trained_model(model_dir)  # default: the selected checkpoint
     assert trained.step == best["step"] and trained.checkpoint_path.startswith(f"{model_dir}/{BEST_DIR}/")
     summary = evaluate_split([trained], config.data.records_dir, "val", tf.distribute.get_strategy(), str(tmp_path),
@@ -83,7 +83,7 @@ def test_selection_moves_with_the_run_directory(selected_run, tmp_path):
     model_dir, _, _, _ = selected_run
     moved = str(tmp_path / "moved")
     shutil.copytree(model_dir, moved)
-    best = read_selection(moved)["best"]
+    best = RunDir(moved).read_selection()["best"]
     os.rename(f"{model_dir}/{BEST_DIR}", f"{model_dir}/best_hidden")  # the recorded path no longer exists
     try:
         assert load_trained_model(moved).checkpoint_path == f"{moved}/{BEST_DIR}/ckpt-{best['step']}"
@@ -127,7 +127,7 @@ def test_evaluate_launcher_defaults_to_the_selected_checkpoint_and_the_runs_deco
     from tiny_setup import REPO_ROOT
 
     model_dir, _, _, _ = selected_run
-    best = read_selection(model_dir)["best"]
+    best = RunDir(model_dir).read_selection()["best"]
     out = str(tmp_path / "eval")
     args = [sys.executable, os.path.join(REPO_ROOT, "launch", "evaluate.py"), f"--model_dir={model_dir}",
             "--split=val", "--nometeor", "--noprogress", f"--output_dir={out}", "--length_normalization=none"]
@@ -156,5 +156,6 @@ def test_resuming_from_an_earlier_checkpoint_forgets_later_scores(selected_run, 
     assert any("forgot the val scores of steps [4, 6]" in line for line in logs), logs
     rescored = [line for line in logs if line.startswith((f"step 4: val {METRIC}", f"step 6: val {METRIC}"))]
     assert len(rescored) == 2, logs  # scored again, not taken from the old history
-    assert [h["step"] for h in read_selection(copy)["history"]] == [2, 4, 6]
-    assert read_selection(copy)["best"]["step"] == read_selection(model_dir)["best"]["step"]  # deterministic
+    again = RunDir(copy).read_selection()
+    assert [h["step"] for h in again["history"]] == [2, 4, 6]
+    assert again["best"]["step"] == RunDir(model_dir).read_selection()["best"]["step"]  # deterministic

@@ -13,7 +13,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 from showtell_dist.data.document_frequencies import (DOCUMENT_FREQUENCIES, KEY_BASE, DocumentFrequencies,
                                                      check_vocabulary_fits, load_or_compute_document_frequencies,
                                                      load_tables, save_tables, train_references, word_ids_np)
-from showtell_dist.data.prepare import load_manifest
+from showtell_dist.data.dataset_dir import load_manifest
 from showtell_dist.data.tokenizer import END_ID
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.reward.cider_d import cider_d, word_ids

@@ -159,7 +159,8 @@ def test_features_cache_and_training_with_lite2(tmp_path):
     from configs import demo, flickr8k_lite2
     from showtell_dist.config_validation import config_problems
     from showtell_dist.data import pipeline, records
-    from showtell_dist.data.prepare import ensure_prepared, load_manifest
+    from showtell_dist.data.dataset_dir import load_manifest
+    from showtell_dist.data.prepare import ensure_prepared
     from showtell_dist.features import builder
     from showtell_dist.features.compatibility import check_features_compatible
     from showtell_dist.training import train_loop

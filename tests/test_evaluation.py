@@ -19,8 +19,9 @@ from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError, UserError
 from showtell_dist.evaluation import metrics, report
 from showtell_dist.evaluation.captioner import caption_files
-from showtell_dist.evaluation.evaluator import (ReportOptions, SplitOptions, decode_split, evaluate_split,
-                                                scan_records)
+from showtell_dist.data.dataset_dir import read_examples
+from showtell_dist.evaluation.evaluator import (ReportOptions, SplitOptions, decode_split,
+                                                evaluate_split)
 from showtell_dist.run.restore import load_trained_model
 from tiny_setup import REPO_ROOT, mirrored
 
@@ -189,9 +190,9 @@ def test_evaluate_split_writes_outputs(trained, tiny_dataset, split_ids, tmp_pat
     assert "http://" not in page and "https://" not in page  # self-contained: no external resources
 
 
-def test_scan_records_stops_at_wanted(tiny_dataset, split_ids):
+def test_read_examples_stops_at_wanted(tiny_dataset, split_ids):
     records_dir, _ = tiny_dataset
-    found = scan_records(records_dir, SPLIT, split_ids[:2], with_jpeg=True)
+    found = read_examples(records_dir, SPLIT, split_ids[:2], with_jpeg=True)
     assert set(found) == set(split_ids[:2])
     for entry in found.values():
         assert entry["references"] and entry["jpeg"][:2] == b"\xff\xd8"

@@ -15,11 +15,10 @@ import pytest
 import tensorflow as tf
 
 from showtell_dist.data import pipeline, records
-from showtell_dist.data.prepare import load_manifest
+from showtell_dist.data.dataset_dir import load_manifest, validate
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
-from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training import train_loop
 from tiny_setup import REPO_ROOT, mirrored, tiny_config
 
@@ -87,7 +86,7 @@ def test_manifest_describes_the_cache(cache, tiny_dataset, weights):
                            + ["manifest.json", "vocab.json",
                               "cider_document_frequencies.npz"])  # no temporaries left
     assert load_manifest(out) == manifest
-    validate_dataset(out, manifest, check_local_md5=True)  # sizes and md5s are those of the new shards
+    validate(out, manifest, check_local_md5=True)  # sizes and md5s are those of the new shards
     with open(os.path.join(out, "vocab.json")) as a, open(os.path.join(records_dir, "vocab.json")) as b:
         assert a.read() == b.read()
 

@@ -28,6 +28,7 @@ from gcs_testing import (  # noqa: E402,F401  (fixtures are used by name)
     loopback_only,
 )
 
+from showtell_dist.data import dataset_dir  # noqa: E402
 from showtell_dist.errors import DataError, UserError  # noqa: E402
 from showtell_dist.storage import gcs  # noqa: E402
 
@@ -297,7 +298,7 @@ def test_missing_bucket_and_permission_errors(tmp_path, gcs_emulator, gcs_proxy,
                              client=proxied_client)
     assert "gcloud storage buckets create gs://no-such-bucket-x" in str(e.value)
     with pytest.raises(UserError, match="gs://no-such-bucket-x"):
-        gcs.validate_dataset("gs://no-such-bucket-x/p", client=proxied_client)
+        dataset_dir.validate("gs://no-such-bucket-x/p", client=proxied_client)
 
     gcs_proxy.add_fault("403", 1, r"GET /storage/v1/b/[^/]+/o\?")
     with pytest.raises(UserError, match=r"permission denied .*gs://") as e:
@@ -315,7 +316,7 @@ def test_missing_bucket_and_permission_errors(tmp_path, gcs_emulator, gcs_proxy,
 
 
 # --------------------------------------------------------------------------
-# validate_dataset
+# dataset_dir.validate (a prepared dataset against its manifest, with one gs:// listing)
 # --------------------------------------------------------------------------
 
 
@@ -327,7 +328,7 @@ def test_validate_dataset_on_gcs(tmp_path, gcs_emulator, gcs_proxy, proxied_clie
     bucket = proxied_client.bucket(gcs_emulator.bucket)
 
     gcs_proxy.clear()
-    gcs.validate_dataset(url, client=proxied_client)
+    dataset_dir.validate(url, client=proxied_client)
     listings = [e for e in gcs_proxy.log if e[0] == "GET" and "/o?" in e[2]]
     assert len(listings) == 1  # one listing, not one request per shard
 
@@ -337,57 +338,57 @@ def test_validate_dataset_on_gcs(tmp_path, gcs_emulator, gcs_proxy, proxied_clie
 
     blob.delete()
     with pytest.raises(DataError, match=rf"{shard} is missing.*prepare_data.*re-upload"):
-        gcs.validate_dataset(url, client=proxied_client)
-    gcs.validate_dataset(url, client=proxied_client, splits=["val"])  # other split ok
+        dataset_dir.validate(url, client=proxied_client)
+    dataset_dir.validate(url, client=proxied_client, splits=["val"])  # other split ok
 
     blob.upload_from_string(original[:-10])
     with pytest.raises(DataError, match=rf"{shard} is truncated"):
-        gcs.validate_dataset(url, client=proxied_client)
+        dataset_dir.validate(url, client=proxied_client)
 
     blob.upload_from_string(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(DataError, match=rf"{shard} is corrupt"):
-        gcs.validate_dataset(url, client=proxied_client)
+        dataset_dir.validate(url, client=proxied_client)
 
     blob.upload_from_string(original)
-    gcs.validate_dataset(url, client=proxied_client)
+    dataset_dir.validate(url, client=proxied_client)
     extra = "train-00009-of-00010.tfrecord"
     bucket.blob(f"{prefix}/{extra}").upload_from_string(b"x")
     with pytest.raises(DataError, match=rf"{extra} is not in the manifest"):
-        gcs.validate_dataset(url, client=proxied_client)
-    gcs.validate_dataset(url, client=proxied_client, splits="val")
+        dataset_dir.validate(url, client=proxied_client)
+    dataset_dir.validate(url, client=proxied_client, splits="val")
 
     with pytest.raises(DataError, match="no manifest.json"):
-        gcs.validate_dataset(url + "/nothing-here", client=proxied_client)
+        dataset_dir.validate(url + "/nothing-here", client=proxied_client)
 
 
 def test_validate_dataset_local(tmp_path):
     d = tmp_path / "d"
     make_dataset(d)
-    gcs.validate_dataset(str(d), check_local_md5=True)
+    dataset_dir.validate(str(d), check_local_md5=True)
     manifest = json.loads((d / "manifest.json").read_text())
-    gcs.validate_dataset(str(d), manifest, splits=["train"])
+    dataset_dir.validate(str(d), manifest, splits=["train"])
 
     shard = d / "val-00001-of-00002.tfrecord"
     data = shard.read_bytes()
     shard.write_bytes(data[:100])
     with pytest.raises(DataError, match=r"val-00001-of-00002.tfrecord is truncated"):
-        gcs.validate_dataset(str(d))
+        dataset_dir.validate(str(d))
     shard.write_bytes(bytes([data[0] ^ 1]) + data[1:])
-    gcs.validate_dataset(str(d))  # same size; md5 only checked on request
+    dataset_dir.validate(str(d))  # same size; md5 only checked on request
     with pytest.raises(DataError, match="is corrupt"):
-        gcs.validate_dataset(str(d), check_local_md5=True)
+        dataset_dir.validate(str(d), check_local_md5=True)
     shard.unlink()
     with pytest.raises(DataError, match=r"val-00001-of-00002.tfrecord is missing"):
-        gcs.validate_dataset(str(d))
+        dataset_dir.validate(str(d))
     shard.write_bytes(data)
     (d / "val-00002-of-00003.tfrecord").write_bytes(b"leftover")
     with pytest.raises(DataError, match=r"val-00002-of-00003.tfrecord is not in the"):
-        gcs.validate_dataset(str(d))
+        dataset_dir.validate(str(d))
     with pytest.raises(DataError, match="split.*test.*not in"):
-        gcs.validate_dataset(str(d), splits=["test"])
+        dataset_dir.validate(str(d), splits=["test"])
     (d / "manifest.json").unlink()
     with pytest.raises(DataError, match="no manifest.json"):
-        gcs.validate_dataset(str(d))
+        dataset_dir.validate(str(d))
 
 
 # --------------------------------------------------------------------------

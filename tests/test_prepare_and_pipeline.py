@@ -9,7 +9,8 @@ import tensorflow as tf
 from PIL import Image
 
 from showtell_dist.data import pipeline, records
-from showtell_dist.data.prepare import PrepareOptions, load_manifest, prepare_dataset, summarize
+from showtell_dist.data.dataset_dir import load_manifest, shard_files
+from showtell_dist.data.prepare import PrepareOptions, prepare_dataset, summarize
 from showtell_dist.data.tokenizer import END_ID, START_ID, Tokenizer
 from showtell_dist.errors import ConfigError, DataError
 from tiny_setup import mirrored
@@ -164,7 +165,7 @@ def test_resume_reads_one_shard_and_continues_the_stream(tiny_dataset, monkeypat
             np.testing.assert_array_equal(x["captions"], y["captions"])
             np.testing.assert_array_equal(x["images"], y["images"])
     # The pipelines' first epochs share out the split: each record once.
-    files = pipeline.shard_files(manifest, spec)
+    files = shard_files(records_dir, manifest, spec.split)
     assert sorted(first_epochs) == sorted(r.numpy() for r in tf.data.TFRecordDataset(files))
 
 
@@ -186,7 +187,7 @@ def test_eval_pipeline_covers_every_image_once_across_pipelines(tiny_dataset):
             indices += [i for i in batch["index"].numpy().tolist() if i >= 0]
     assert sorted(indices) == list(range(12))
     # The host maps each index to the id of the record at that position of the split (shard after shard).
-    files = pipeline.shard_files(manifest, spec)
+    files = shard_files(records_dir, manifest, spec.split)
     in_order = [records.parse_example(r)["image_id"].numpy().decode() for r in tf.data.TFRecordDataset(files)]
     assert pipeline.eval_image_ids(manifest, spec, num_input_pipelines=2) == dict(enumerate(in_order))
 
@@ -215,7 +216,7 @@ def test_strategy_run_gets_numbers_only_from_every_pipeline(tiny_dataset):
         got = strategy.run(lambda b: tf.nest.map_structure(tf.identity, b), args=(batch,))
         assert non_numeric(tf.nest.map_structure(tf.type_spec_from_value,
                                                  strategy.experimental_local_results(got))) == [], name
-    files = pipeline.shard_files(manifest, _spec(records_dir, manifest))
+    files = shard_files(records_dir, manifest, "train")
     caching = strategy.experimental_distribute_dataset(
         builder._shard_batches(files[0], manifest["splits"]["train"]["shards"][0]["records"], 4, 32))
     assert non_numeric(caching.element_spec) == []
@@ -232,7 +233,7 @@ def test_flickr8k_layout_is_read_with_nothing_skipped():
 
 
 def test_records_are_framed_exactly_as_tensorflow_writes_them(tmp_path):
-    from showtell_dist.data.prepare import frame_tfrecords, write_records_atomically
+    from showtell_dist.data.records import frame_tfrecords, write_records_atomically
 
     payloads = [b"", b"a", b"x" * 70000, records.encode_example("i.jpg", b"j", 1, 1, [[1, 2]], ["c"])]
     reference = str(tmp_path / "tf.tfrecord")
@@ -345,7 +346,7 @@ def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
         spec = pipeline.PipelineSpec(data_dir=str(out), split="train", image_size=32, captions_per_image=1,
                                      max_len=resized["max_len"], global_batch_size=4)
         found = {}
-        for r in tf.data.TFRecordDataset(pipeline.shard_files(load_manifest(str(out)), spec)):
+        for r in tf.data.TFRecordDataset(shard_files(str(out), load_manifest(str(out)), "train")):
             ex = records.parse_example(r)
             found[ex["image_id"].numpy()] = (tf.io.decode_jpeg(ex["jpeg"]).shape,
                                              pipeline.decode_image_uint8(ex["jpeg"], 32).numpy().astype(float))

@@ -31,10 +31,10 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from showtell_dist.data.dataset_dir import DOCUMENT_FREQUENCIES
 from showtell_dist.data.tokenizer import END_ID, START_ID
 from showtell_dist.errors import ConfigError, DataError
 
-DOCUMENT_FREQUENCIES = "cider_document_frequencies.npz"
 MAX_N = 4
 KEY_BASE = 50_000  # word ids must be < KEY_BASE: KEY_BASE**4 < 2**63
 _FILE_FORMAT = "showtell_dist.cider_document_frequencies"

@@ -3,7 +3,8 @@
 With a frozen encoder (`model.encoder_trainable=False`) the features of an
 image never change during training, so running the CNN on every step wastes
 almost all of the compute. features/builder.py runs the configured encoder
-once per image of prepared records and writes, into a directory (local or gs://):
+once per image of prepared records and writes, into a directory (local or gs://)
+of the layout of dataset_dir.py:
 
   vocab.json                              copied from the records
   cider_document_frequencies.npz          copied from the records when they have it
@@ -35,7 +36,7 @@ import hashlib
 
 import tensorflow as tf
 
-from showtell_dist.data import pipeline
+from showtell_dist.data import dataset_dir
 from showtell_dist.errors import ConfigError
 
 KIND = "features"
@@ -94,7 +95,7 @@ def data_dir_for(config, phase: str | None = None) -> str:
 def check_cache_serves_run(config, data_dir: str, manifest: dict) -> None:
     """Raises ConfigError when `data_dir` is a features cache but the run (config) fine-tuned its
     encoder: the cache holds the features of the encoder before it moved."""
-    if pipeline.manifest_kind(manifest) == KIND and data_dir_for(config) != data_dir_of(config):
+    if dataset_dir.manifest_kind(manifest) == KIND and data_dir_for(config) != data_dir_of(config):
         raise ConfigError(f"{data_dir} is a features cache, but this run fine-tuned its encoder (config.phases="
                           f"{config.get('phases', '')!r}), so the cached features are stale; decode from the image "
                           f"records ({config.data.records_dir}).")
@@ -102,7 +103,7 @@ def check_cache_serves_run(config, data_dir: str, manifest: dict) -> None:
 
 def check_feature_dim(manifest: dict, model, features_dir: str) -> None:
     """Raises ConfigError when the cache's feature dimension is not the model encoder's."""
-    dim = pipeline.feature_dim(manifest)
+    dim = dataset_dir.feature_dim(manifest)
     if dim is not None and dim != int(model.encoder.output_shape[-1]):
         raise ConfigError(f"{features_dir} holds {dim}-dimensional features but the model's encoder outputs "
                           f"{model.encoder.output_shape[-1]}: re-run launch/cache_features.py for this model.")

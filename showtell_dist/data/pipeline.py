@@ -45,7 +45,7 @@ import os
 
 import tensorflow as tf
 
-from showtell_dist.data import records
+from showtell_dist.data.dataset_dir import feature_dim, manifest_kind, record_parser, shard_files
 from showtell_dist.errors import DataError
 
 
@@ -91,17 +91,6 @@ def host_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def shard_files(manifest: dict, spec: PipelineSpec) -> list[str]:
-    if spec.split not in manifest["splits"]:
-        raise DataError(f"split {spec.split!r} is not in the prepared dataset at {spec.data_dir} "
-                        f"(it has {sorted(manifest['splits'])}).")
-    files = [f"{spec.data_dir.rstrip('/')}/{s['file']}" for s in manifest["splits"][spec.split]["shards"]
-             if s["records"] > 0]
-    if not files:
-        raise DataError(f"split {spec.split!r} at {spec.data_dir} has no records.")
-    return files
-
-
 def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """[height, width, 3] uint8 -> [image_size, image_size, 3] uint8, as training sees it.
 
@@ -127,16 +116,6 @@ def decode_image_uint8(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
 def decode_image(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
     """JPEG bytes -> [image_size, image_size, 3] float32 in 0..255, the pixels training sees."""
     return tf.cast(decode_image_uint8(jpeg, image_size), tf.float32)
-
-
-def manifest_kind(manifest: dict) -> str:
-    """"images" (prepared records; their manifests have no "kind") or "features" (a features cache)."""
-    return manifest.get("kind", "images")
-
-
-def feature_dim(manifest: dict) -> int | None:
-    """The features' dimension of a features cache, None for image records."""
-    return int(manifest["features"]["dim"]) if manifest_kind(manifest) == "features" else None
 
 
 def _caption_matrix(ragged: tf.RaggedTensor, spec: PipelineSpec, seed=None) -> tf.Tensor:
@@ -166,14 +145,6 @@ def _check_image_size(manifest: dict, spec: PipelineSpec) -> None:
         raise DataError(f"the records at {spec.data_dir} hold images resized to {resized_to}x{resized_to} but the "
                         f"model takes {spec.image_size}x{spec.image_size} (model.image_size): prepare them again "
                         f"with --resize_to={spec.image_size} (or --resize_to=0 to keep the original sizes).")
-
-
-def _parser(manifest: dict):
-    """fn(serialized) -> parsed example, for the manifest's kind of records."""
-    dim = feature_dim(manifest)
-    if dim is None:
-        return records.parse_example
-    return lambda serialized: records.parse_features_example(serialized, dim)
 
 
 def _empty_element(manifest: dict, spec: PipelineSpec) -> dict:
@@ -283,7 +254,7 @@ class TrainOrder:
 
 def train_order(manifest: dict, spec: PipelineSpec, context: tf.distribute.InputContext) -> TrainOrder:
     """The record order of the training input pipeline of `context`."""
-    files = shard_files(manifest, spec)
+    files = shard_files(spec.data_dir, manifest, spec.split)
     counts = [s["records"] for s in manifest["splits"][spec.split]["shards"] if s["records"] > 0]
     pipelines, index = context.num_input_pipelines, context.input_pipeline_id
     if len(files) >= pipelines:  # shard by file: each pipeline reads its own files
@@ -327,7 +298,7 @@ def train_input_fn(manifest: dict, spec: PipelineSpec, start_step: int = 0):
     an uninterrupted run yields from that step on.
     """
     _check_image_size(manifest, spec)
-    parse_example = _parser(manifest)
+    parse_example = record_parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(spec.global_batch_size)
@@ -367,7 +338,7 @@ def _indexed_records(manifest: dict, spec: PipelineSpec, num_input_pipelines: in
     manifest lists them); the stream interleaves the shards and each
     pipeline takes every num_input_pipelines-th record of it.
     """
-    files = shard_files(manifest, spec)
+    files = shard_files(spec.data_dir, manifest, spec.split)
     counts = [s["records"] for s in manifest["splits"][spec.split]["shards"] if s["records"] > 0]
     firsts = [sum(counts[:i]) for i in range(len(counts))]
 
@@ -393,7 +364,7 @@ def eval_input_fn(manifest: dict, spec: PipelineSpec, max_images: int | None = N
     batches, so that every worker runs the same number of steps (`eval_steps`).
     """
     _check_image_size(manifest, spec)
-    parse_example = _parser(manifest)
+    parse_example = record_parser(manifest)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         batch = context.get_per_replica_batch_size(spec.global_batch_size)

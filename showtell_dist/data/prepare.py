@@ -2,7 +2,8 @@
 
 `prepare_dataset` reads any supported layout (see `layouts.py`), fits the
 tokenizer on the training captions only, and writes into `output_dir`
-(a local path or any `tf.io.gfile` URL such as gs://bucket/prefix):
+(a local path or any `tf.io.gfile` URL such as gs://bucket/prefix) the layout
+of dataset_dir.py:
 
   vocab.json                              the tokenizer (see tokenizer.py)
   {split}-00000-of-000NN.tfrecord ...     one Example per image (records.py)
@@ -19,31 +20,24 @@ caption or image is listed in the manifest and counted in the summary.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
-import json
 import math
-import struct
-import uuid
 from typing import Sequence
 
-import google_crc32c
 import tensorflow as tf
 
 from showtell_dist.data import images as images_lib
 from showtell_dist.data import layouts
 from showtell_dist.data import pipeline
 from showtell_dist.data import records
+from showtell_dist.data.dataset_dir import (FORMAT_VERSION, MANIFEST, VOCABULARY, is_prepared, join, load_manifest,
+                                            shard_name, vocabulary_path)
 from showtell_dist.data.document_frequencies import write_document_frequencies
 from showtell_dist.data.tokenizer import DEFAULT_MAX_LEN_QUANTILE, Tokenizer
 from showtell_dist.errors import ConfigError, DataError
-
-MANIFEST = "manifest.json"
-VOCABULARY = "vocab.json"
-FORMAT_VERSION = 1
+from showtell_dist.storage.atomic_files import write_json_atomically
 
 
 @dataclasses.dataclass
@@ -61,10 +55,6 @@ class PrepareOptions:
     # (pipeline.resize_image), re-encoded as JPEG: training then decodes small JPEGs and skips the resize.
     resize_to: int = 0
     jpeg_quality: int = 95
-
-
-def _md5_base64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
 def resized_jpeg(jpeg: bytes, size: int, quality: int = 95) -> bytes:
@@ -89,40 +79,11 @@ def _write_shard(path: str, entries: Sequence[layouts.ImageEntry], token_ids: di
         serialized.append(records.encode_example(entry.image_id, jpeg, height, width,
                                                  token_ids[entry.image_id], entry.captions))
         num_captions += len(entry.captions)
-    size, md5 = write_records_atomically(path, serialized)
+    size, md5 = records.write_records_atomically(path, serialized)
     info = {"file": path.rsplit("/", 1)[-1], "records": len(serialized),
             "captions": num_captions,
             "bytes": size, "md5": md5}
     return info, skipped
-
-
-def _masked_crc32c(data: bytes) -> bytes:
-    crc = google_crc32c.value(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def frame_tfrecords(serialized: Sequence[bytes]) -> bytes:
-    """The bytes of a TFRecord file holding `serialized`: per record, its length (uint64 LE), the
-    length's masked crc32c, the data and the data's masked crc32c (TensorFlow's own format)."""
-    out = bytearray()
-    for record in serialized:
-        length = struct.pack("<Q", len(record))
-        out += length + _masked_crc32c(length) + record + _masked_crc32c(record)
-    return bytes(out)
-
-
-def write_records_atomically(path: str, serialized: Sequence[bytes]) -> tuple[int, str]:
-    """Writes a TFRecord file under a temporary name, then renames it; returns (bytes, base64 md5).
-
-    The file is framed in memory and written once, so its checksum costs no read-back (which,
-    for a gs:// output, would download every shard again).
-    """
-    data = frame_tfrecords(serialized)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return len(data), _md5_base64(data)
 
 
 def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | None = None,
@@ -163,7 +124,7 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
         count = max(1, math.ceil(len(entries) / options.images_per_shard))
         for i in range(count):
             chunk = entries[i::count]  # round-robin: shards of near-equal size
-            jobs.append((split, f"{output_dir.rstrip('/')}/{records.shard_name(split, i, count)}", chunk))
+            jobs.append((split, join(output_dir, shard_name(split, i, count)), chunk))
 
     skipped = list(corpus.skipped)
     shards: dict[str, list[dict]] = {split: [] for split in corpus.splits}
@@ -177,7 +138,7 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
             if progress:
                 progress(info)
 
-    tokenizer.save(f"{output_dir.rstrip('/')}/{VOCABULARY}")
+    tokenizer.save(vocabulary_path(output_dir))
     unwritten = {s.item for s in skipped}
     train_refs = [token_ids[e.image_id] for e in corpus.splits["train"] if e.image_id not in unwritten]
     document_frequencies = write_document_frequencies(output_dir, train_refs, tokenizer.vocab_size)
@@ -210,30 +171,7 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
     # The manifest is written last: its presence means the dataset is complete.
-    write_json_atomically(f"{output_dir.rstrip('/')}/{MANIFEST}", manifest)
-    return manifest
-
-
-def write_json_atomically(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, ensure_ascii=False))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def load_manifest(data_dir: str) -> dict:
-    path = f"{data_dir.rstrip('/')}/{MANIFEST}"
-    if not tf.io.gfile.exists(path):
-        raise DataError(f"{path} does not exist: {data_dir} is not a prepared dataset. "
-                        "Run launch/prepare_data.py --input_dir=... --output_dir=" + data_dir)
-    with tf.io.gfile.GFile(path, "r") as f:
-        try:
-            manifest = json.loads(f.read())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); re-run launch/prepare_data.py.") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} has format_version {manifest.get('format_version')}, this toolkit reads "
-                        f"{FORMAT_VERSION}; re-run launch/prepare_data.py.")
+    write_json_atomically(join(output_dir, MANIFEST), manifest)
     return manifest
 
 
@@ -280,9 +218,9 @@ def ensure_prepared(config, log=print) -> dict:
     are reused as they are (delete the directory to prepare again).
     """
     records_dir = config.data.records_dir
-    if tf.io.gfile.exists(f"{records_dir.rstrip('/')}/{MANIFEST}"):
+    if is_prepared(records_dir):
         manifest = load_manifest(records_dir)
-        vocabulary = f"{records_dir.rstrip('/')}/{VOCABULARY}"
+        vocabulary = vocabulary_path(records_dir)
         Tokenizer.load(vocabulary).check_rules(vocabulary)  # before features are cached from old records
         return manifest
     source = config.data.source_dir

@@ -13,26 +13,48 @@ replaced by the frozen encoder's output:
   image/id, caption/token_ids, caption/lengths, caption/text   as above
   image/features     bytes   float16 [dim], little-endian raw bytes
 
-Shards are named `{split}-{index:05d}-of-{count:05d}.tfrecord`.
+Shards are TFRecord files named by dataset_dir.shard_name, written whole by
+`write_records_atomically`.
 """
 
 from __future__ import annotations
 
-import re
+import base64
+import hashlib
+import struct
 from typing import Sequence
 
+import google_crc32c
 import numpy as np
 import tensorflow as tf
 
-SHARD_PATTERN = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+from showtell_dist.storage.atomic_files import write_bytes_atomically
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+def _masked_crc32c(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
-def shard_glob(data_dir: str, split: str) -> str:
-    return f"{data_dir.rstrip('/')}/{split}-?????-of-?????.tfrecord"
+def frame_tfrecords(serialized: Sequence[bytes]) -> bytes:
+    """The bytes of a TFRecord file holding `serialized`: per record, its length (uint64 LE), the
+    length's masked crc32c, the data and the data's masked crc32c (TensorFlow's own format)."""
+    out = bytearray()
+    for record in serialized:
+        length = struct.pack("<Q", len(record))
+        out += length + _masked_crc32c(length) + record + _masked_crc32c(record)
+    return bytes(out)
+
+
+def write_records_atomically(path: str, serialized: Sequence[bytes]) -> tuple[int, str]:
+    """Writes a TFRecord file under a temporary name, then renames it; returns (bytes, base64 md5).
+
+    The file is framed in memory and written once, so its checksum costs no read-back (which,
+    for a gs:// output, would download every shard again).
+    """
+    data = frame_tfrecords(serialized)
+    write_bytes_atomically(path, data)
+    return len(data), base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
 
 
 def encode_example(image_id: str, jpeg: bytes, height: int, width: int,

@@ -41,15 +41,15 @@ import dataclasses
 import json
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.config_fields import check_positive as _check_positive
-from showtell_dist.data import feature_cache, pipeline, records
-from showtell_dist.data.prepare import MANIFEST, load_manifest
+from showtell_dist.data import feature_cache, pipeline
+from showtell_dist.data.dataset_dir import load_manifest, read_examples
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.decoding.decoder import build_decoder
 from showtell_dist.decoding.options import DecodeOptions
@@ -275,58 +275,6 @@ def decode_split(members: Sequence[TrainedModel], records_dir: str, split: str, 
 
 
 # ----------------------------------------------------------------------------
-# References and images from the records
-# ----------------------------------------------------------------------------
-
-
-def scan_records(records_dir: str, split: str, image_ids: Iterable[str], *, with_jpeg: bool = False) -> dict:
-    """{image_id: {"references": [str], "jpeg": bytes (with_jpeg)}} for the wanted images of a split.
-
-    Reads the split's records on the host in the eval pipeline's order and
-    stops as soon as every wanted image was seen, so references of the first
-    max_images images cost reading those images only. A features cache holds
-    no images: with_jpeg reads the image records it was made from when they
-    are still there, else the entries have no "jpeg".
-    """
-    wanted = set(image_ids)
-    found: dict = {}
-    if not wanted:
-        return found
-    manifest = load_manifest(records_dir)
-    dim = pipeline.feature_dim(manifest)
-    if dim is not None and with_jpeg:
-        source = manifest["features"].get("source_records")
-        if source and tf.io.gfile.exists(f"{source.rstrip('/')}/{MANIFEST}"):
-            return scan_records(source, split, wanted, with_jpeg=True)
-        with_jpeg = False
-    spec = pipeline.PipelineSpec(data_dir=records_dir.rstrip("/"), split=split, image_size=1,
-                                 captions_per_image=1, max_len=1, global_batch_size=1)
-    files = pipeline.shard_files(manifest, spec)
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(8, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
-
-    def parse(serialized):
-        ex = records.parse_example(serialized) if dim is None else records.parse_features_example(serialized, dim)
-        out = {"image_id": ex["image_id"], "caption_text": ex["caption_text"]}
-        if with_jpeg:
-            out["jpeg"] = ex["jpeg"]
-        return out
-
-    for ex in ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(8):
-        image_id = ex["image_id"].numpy().decode("utf-8")
-        if image_id not in wanted or image_id in found:
-            continue
-        entry = {"references": [c.decode("utf-8") for c in ex["caption_text"].numpy()]}
-        if with_jpeg:
-            entry["jpeg"] = ex["jpeg"].numpy()
-        found[image_id] = entry
-        if len(found) == len(wanted):
-            break
-    return found
-
-
-# ----------------------------------------------------------------------------
 # Evaluation: decode, score, write
 # ----------------------------------------------------------------------------
 
@@ -398,7 +346,7 @@ def evaluate_split(members: Sequence[TrainedModel], records_dir: str, split: str
     members = decoder.members
     if not is_chief(strategy):  # every worker decoded (collectively) and holds the captions; the chief writes
         return {}
-    refs = scan_records(records_dir, split, [r["image_id"] for r in results])
+    refs = read_examples(records_dir, split, [r["image_id"] for r in results])
     references = {i: e["references"] for i, e in refs.items()}
     corpus, per_image = coco_metrics.score_captions({r["image_id"]: r["caption"] for r in results}, references,
                                                     use_meteor=report.use_meteor)
@@ -427,7 +375,7 @@ def evaluate_split(members: Sequence[TrainedModel], records_dir: str, split: str
                for r in results]
     best, worst = html_report.best_and_worst(entries, report.report_images)
     shown = {e["image_id"] for e in best + worst}
-    jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
+    jpegs = {i: e["jpeg"] for i, e in read_examples(records_dir, split, shown, with_jpeg=True).items()
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
         stats = html_report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,

@@ -414,9 +414,8 @@ def render_report(summary: Mapping, best: Sequence[dict], worst: Sequence[dict],
       best, worst: entries {"image_id", "caption", "score", "top_k",
         "references", "scores": {metric: value}} (see `best_and_worst`).
       jpegs: image_id -> JPEG bytes for the thumbnails (missing: no picture).
-      selection: the run's checkpoint selection (model_dir/best/selection.json:
-        {"metric", "best": {"step", "value"}, "history": [{"step", "metrics"}]}),
-        drawn as val curves; None: no such section.
+      selection: the run's checkpoint selection (model_dir/best/selection.json,
+        its schema in run/run_dir.py), drawn as val curves; None: no such section.
       statistics: `caption_statistics` of the evaluated captions; None: no
         length and vocabulary sections.
     """

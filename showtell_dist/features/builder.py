@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime
-import uuid
 
 import keras
 import numpy as np
@@ -15,17 +14,13 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.data import feature_cache, pipeline, records
-from showtell_dist.data.document_frequencies import DOCUMENT_FREQUENCIES
-from showtell_dist.data.prepare import (MANIFEST, VOCABULARY, load_manifest,
-                                        write_json_atomically, write_records_atomically)
+from showtell_dist.data.dataset_dir import (DOCUMENT_FREQUENCIES, MANIFEST, VOCABULARY, is_prepared, join,
+                                            load_manifest, manifest_kind, shard_glob, validate)
+from showtell_dist.storage.atomic_files import copy_atomically, write_json_atomically
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.features.compatibility import encoder_image_size, require_weights
 from showtell_dist.model.encoders import build_encoder
-
-
-def _join(directory: str, name: str) -> str:
-    return f"{directory.rstrip('/')}/{name}"
 
 
 def _shard_batches(path: str, num_records: int, global_batch: int, image_size: int) -> tf.data.Dataset:
@@ -64,8 +59,6 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     Returns:
       The cache's manifest (also written to output_dir/manifest.json, last).
     """
-    from showtell_dist.storage.gcs import validate_dataset
-
     strategy = strategy or tf.distribute.get_strategy()
     require_single_host(strategy, "caching features")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -79,7 +72,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
                           f"({records_dir}): its shards have the same names.")
     require_weights(model_config)
     source = load_manifest(records_dir)
-    if pipeline.manifest_kind(source) != "images":
+    if manifest_kind(source) != "images":
         raise DataError(f"{records_dir} is already a features cache; cache the image records it was made from "
                         f"({source.get('features', {}).get('source_records', '?')}).")
     splits = sorted(source["splits"]) if splits is None else ([splits] if isinstance(splits, str) else list(splits))
@@ -87,7 +80,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     if unknown:
         raise DataError(f"split(s) {', '.join(unknown)} are not in {records_dir} "
                         f"(it has {', '.join(sorted(source['splits']))}).")
-    validate_dataset(records_dir, source, splits=splits)
+    validate(records_dir, source, splits=splits)
 
     image_size = encoder_image_size(model_config)
     weights = model_config.encoder_weights
@@ -111,8 +104,8 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
 
     # Remove the manifest first: while shards are rewritten the directory is not a complete cache.
     tf.io.gfile.makedirs(output_dir)
-    if tf.io.gfile.exists(_join(output_dir, MANIFEST)):
-        tf.io.gfile.remove(_join(output_dir, MANIFEST))
+    if tf.io.gfile.exists(join(output_dir, MANIFEST)):
+        tf.io.gfile.remove(join(output_dir, MANIFEST))
     total = sum(source["splits"][s]["images"] for s in splits)
     bar = tqdm(total=total, desc=f"{model_config.encoder} features", unit="img", disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
@@ -121,7 +114,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
         for split in splits:
             infos = []
             for shard in source["splits"][split]["shards"]:
-                src_path = _join(records_dir, shard["file"])
+                src_path = join(records_dir, shard["file"])
                 serialized = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(src_path)]
                 if len(serialized) != shard["records"]:
                     raise DataError(f"{src_path} holds {len(serialized)} records but {records_dir}/{MANIFEST} "
@@ -146,27 +139,24 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
                     raise DataError(f"{model_config.encoder} features of {src_path} are not finite in float16 "
                                     "(NaN, or beyond 65504): this encoder's features cannot be cached.")
                 out_records = [records.features_example(s, f) for s, f in zip(serialized, features)]
-                size, md5 = write_records_atomically(_join(output_dir, shard["file"]), out_records)
+                size, md5 = records.write_records_atomically(join(output_dir, shard["file"]), out_records)
                 infos.append({"file": shard["file"], "records": len(out_records), "captions": shard["captions"],
                               "bytes": size, "md5": md5})
             new_splits[split] = {"images": source["splits"][split]["images"],
                                  "captions": source["splits"][split]["captions"], "shards": infos}
             listed = {s["file"] for s in infos}
-            for stale in tf.io.gfile.glob(records.shard_glob(output_dir, split)):
+            for stale in tf.io.gfile.glob(shard_glob(output_dir, split)):
                 if stale.rsplit("/", 1)[-1] not in listed:  # a leftover of a cache with other sharding
                     tf.io.gfile.remove(stale)
     finally:
         bar.close()
 
-    vocab_tmp = _join(output_dir, f"{VOCABULARY}.tmp-{uuid.uuid4().hex}")
-    tf.io.gfile.copy(_join(records_dir, source["vocabulary"]["file"]), vocab_tmp, overwrite=True)
-    tf.io.gfile.rename(vocab_tmp, _join(output_dir, VOCABULARY), overwrite=True)
+    copy_atomically(join(records_dir, source["vocabulary"]["file"]), join(output_dir, VOCABULARY))
     if (source.get("cider_document_frequencies") or {}).get("file"):
-        df_tmp = _join(output_dir, f"{DOCUMENT_FREQUENCIES}.tmp-{uuid.uuid4().hex}")
-        tf.io.gfile.copy(_join(records_dir, source["cider_document_frequencies"]["file"]), df_tmp, overwrite=True)
-        tf.io.gfile.rename(df_tmp, _join(output_dir, DOCUMENT_FREQUENCIES), overwrite=True)
-    elif tf.io.gfile.exists(_join(output_dir, DOCUMENT_FREQUENCIES)):  # an earlier cache's, not these records'
-        tf.io.gfile.remove(_join(output_dir, DOCUMENT_FREQUENCIES))
+        copy_atomically(join(records_dir, source["cider_document_frequencies"]["file"]),
+                        join(output_dir, DOCUMENT_FREQUENCIES))
+    elif tf.io.gfile.exists(join(output_dir, DOCUMENT_FREQUENCIES)):  # an earlier cache's, not these records'
+        tf.io.gfile.remove(join(output_dir, DOCUMENT_FREQUENCIES))
     manifest = dict(source)
     manifest.update(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -178,7 +168,7 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
                   "source_records": records_dir},
     )
     # The manifest is written last: its presence means the cache is complete.
-    write_json_atomically(_join(output_dir, MANIFEST), manifest)
+    write_json_atomically(join(output_dir, MANIFEST), manifest)
     return manifest
 
 
@@ -201,7 +191,7 @@ def ensure_features(config, strategy: tf.distribute.Strategy | None = None, log=
     features_dir = feature_cache.features_dir_of(config)
     if not features_dir:
         return None
-    if tf.io.gfile.exists(_join(features_dir, MANIFEST)):
+    if is_prepared(features_dir):
         return load_manifest(features_dir)
     if strategy is not None:
         resolver = getattr(strategy, "cluster_resolver", None)

@@ -19,7 +19,7 @@ import tensorflow as tf
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
-from showtell_dist.run.run_dir import CONFIG_FILE, VOCAB_FILE, join, read_config, resolve_checkpoint
+from showtell_dist.run.run_dir import RunDir
 
 
 @dataclasses.dataclass
@@ -42,14 +42,15 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
                        strategy: tf.distribute.Strategy | None = None) -> TrainedModel:
     """The model of `model_dir` with the weights of `checkpoint`.
 
-    `checkpoint` is resolved by `run_dir.resolve_checkpoint`: a prefix, a
-    directory of checkpoints, "best", "latest" or None (the selected one when
-    the run selected one, else the latest). Variables are created in
+    `checkpoint` is resolved by `RunDir.resolve_checkpoint`: a prefix, a
+    directory of checkpoints, a run directory, "best", "latest" or None (the
+    selected one when the run selected one, else the latest). Variables are created in
     `strategy`'s scope when one is given, so the model can decode under it.
     """
-    config = read_config(model_dir)
-    tokenizer = Tokenizer.load(join(model_dir, VOCAB_FILE))
-    path = resolve_checkpoint(model_dir, checkpoint)
+    run = RunDir(model_dir)
+    config = run.read_config()
+    tokenizer = Tokenizer.load(run.vocab_file)
+    path = run.resolve_checkpoint(checkpoint)
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.encoder_weights = ""  # every weight comes from the checkpoint
     with (strategy or tf.distribute.get_strategy()).scope():
@@ -64,7 +65,7 @@ def load_trained_model(model_dir: str, checkpoint: str | None = None,
         tf.train.Checkpoint(model=model, step=step, **extra).restore(path).expect_partial() \
             .assert_existing_objects_matched()
     except (ValueError, AssertionError, tf.errors.OpError) as exc:
-        raise ConfigError(f"checkpoint {path} does not fit the model described by {join(model_dir, CONFIG_FILE)} "
+        raise ConfigError(f"checkpoint {path} does not fit the model described by {run.config_file} "
                           f"(was it written by another version or config?): {exc}") from exc
     if averaged:
         for v, average in zip(model.trainable_variables, averages):

@@ -6,15 +6,15 @@ covers what it is the wrong tool for:
 
 * `upload_directory`: parallel, resumable, checksum-verified upload of a
   prepared dataset directory, with retries of transient errors;
-* `validate_dataset`: checking a dataset directory (gs:// or local) against its
-  ``manifest.json`` with one object listing;
+* `read_object` / `list_directory`: one object, and the files of a directory in
+  one object listing (data/dataset_dir.py reads and validates a prepared
+  dataset with them);
 * `warn_if_bucket_far_from`: warning when the data bucket is in another region
   than the TPU/VM that reads it;
 * `make_client` / `split_gs_url`.
 
 Errors the user can fix are `UserError`s (missing bucket, missing permission,
-missing credentials) or `DataError`s (a shard missing, truncated or extra), each
-naming the bucket or file and saying what to do.
+missing credentials), each naming the bucket or file and saying what to do.
 
 ``STORAGE_EMULATOR_HOST`` (e.g. ``http://127.0.0.1:9023``) points the client at
 a local emulator with anonymous credentials, as google-cloud-storage does.
@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import fnmatch
 import hashlib
 import http.client
-import json
 import logging
 import os
 import random
@@ -36,14 +34,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from showtell_dist.errors import DataError, UserError
+from showtell_dist.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 EMULATOR_PROJECT = "showtell-emulator"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _RETRYABLE_STATUS = (408, 429, 500, 502, 503, 504)
@@ -416,185 +412,45 @@ def upload_directory(
 
 
 # --------------------------------------------------------------------------
-# Dataset manifest validation
+# Reading a directory: one object, one listing
 # --------------------------------------------------------------------------
 
 
-def _manifest_error(data_dir: str, what: str) -> DataError:
-    return DataError(
-        f"{_join(data_dir, MANIFEST_NAME)} {what}: re-run prepare_data to rewrite "
-        "the dataset and its manifest (and re-upload it for gs://)"
-    )
+def read_object(url: str, *, client=None) -> bytes:
+    """The bytes of the object at gs://bucket/name.
 
-
-def _join(data_dir: str, name: str) -> str:
-    return data_dir.rstrip("/") + "/" + name
-
-
-def load_manifest(data_dir: str, *, client=None) -> dict:
-    """Read and parse data_dir/manifest.json (gs:// or local)."""
-    path = _join(data_dir, MANIFEST_NAME)
-    try:
-        if is_gs_url(data_dir):
-            from google.api_core import exceptions as gexc
-
-            bucket, prefix = split_gs_url(data_dir)
-            client = client or make_client()
-            try:
-                raw = client.bucket(bucket).blob(
-                    _object_name(prefix, MANIFEST_NAME)).download_as_bytes()
-            except gexc.NotFound as e:
-                if not client.bucket(bucket).exists():
-                    raise _access_error(bucket, e) from e
-                raise FileNotFoundError(path) from e
-            except Exception as e:  # noqa: BLE001
-                err = _access_error(bucket, e)
-                if err is not None:
-                    raise err from e
-                raise
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
-    except FileNotFoundError:
-        raise DataError(
-            f"no {MANIFEST_NAME} in {data_dir}: run prepare_data on this directory "
-            "(it writes manifest.json last, so a missing one also means an "
-            "interrupted run), or point --data_dir at a prepared dataset"
-        ) from None
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise _manifest_error(data_dir, f"is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise _manifest_error(data_dir, "is not a JSON object")
-    return manifest
-
-
-def _list_dataset_dir(data_dir: str, client) -> dict[str, tuple[int, str | None]]:
-    """{file name: (size, base64 md5 or None)} of the files directly in data_dir."""
-    if is_gs_url(data_dir):
-        bucket, prefix = split_gs_url(data_dir)
-        client = client or make_client()
-        blobs = _list_blobs(client, bucket, prefix, delimiter="/")
-        cut = len(prefix) + 1 if prefix else 0
-        return {
-            name[cut:]: (int(b.size or 0), b.md5_hash)
-            for name, b in blobs.items()
-            if "/" not in name[cut:]
-        }
-    if not os.path.isdir(data_dir):
-        raise DataError(
-            f"dataset directory {data_dir} does not exist: run prepare_data to "
-            "create it, or fix --data_dir"
-        )
-    out = {}
-    with os.scandir(data_dir) as it:
-        for entry in it:
-            if entry.is_file():
-                out[entry.name] = (entry.stat().st_size, None)
-    return out
-
-
-def _shard_specs(data_dir: str, manifest: dict, split: str) -> list[dict]:
-    spec = manifest["splits"][split]
-    shards = spec.get("shards") if isinstance(spec, dict) else None
-    if not isinstance(shards, list):
-        raise _manifest_error(data_dir, f"has no shard list for split {split!r}")
-    for i, shard in enumerate(shards):
-        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
-                and isinstance(shard.get("bytes"), int)):
-            raise _manifest_error(
-                data_dir, f"has a malformed shard entry #{i} in split {split!r} "
-                "(needs 'file' and integer 'bytes')")
-    return shards
-
-
-def validate_dataset(
-    data_dir: str,
-    manifest: dict | None = None,
-    *,
-    client=None,
-    splits=None,
-    check_local_md5: bool = False,
-) -> None:
-    """Check the shards in data_dir against its manifest; raise DataError if not.
-
-    For each requested split (default: all in the manifest) every listed shard
-    must exist with the listed byte size, and with the listed md5 where the
-    store reports one (GCS does; for local directories only when
-    `check_local_md5`).  A ``{split}-*.tfrecord`` not in the manifest is an
-    error too (a leftover of an earlier run with other sharding).  gs:// uses a
-    single object listing of the directory, not one request per shard.
+    Raises FileNotFoundError when the bucket exists but the object does not, and
+    a `UserError` naming the fix for a missing bucket or a missing permission.
     """
-    gs = is_gs_url(data_dir)
-    if gs and client is None:
-        client = make_client()
-    if manifest is None:
-        manifest = load_manifest(data_dir, client=client)
-    version = manifest.get("format_version")
-    if version != MANIFEST_FORMAT_VERSION:
-        raise _manifest_error(
-            data_dir, f"has format_version {version!r}, this version of showtell_dist "
-            f"reads {MANIFEST_FORMAT_VERSION}")
-    all_splits = manifest.get("splits")
-    if not isinstance(all_splits, dict) or not all_splits:
-        raise _manifest_error(data_dir, "lists no splits")
-    if splits is None:
-        splits = sorted(all_splits)
-    elif isinstance(splits, str):
-        splits = [splits]
-    unknown = [s for s in splits if s not in all_splits]
-    if unknown:
-        raise DataError(
-            f"split(s) {', '.join(unknown)} not in {_join(data_dir, MANIFEST_NAME)} "
-            f"(it has {', '.join(sorted(all_splits))}): re-run prepare_data with "
-            "those splits, or request one of the listed splits"
-        )
+    from google.api_core import exceptions as gexc
 
-    listing = _list_dataset_dir(data_dir, client)
-    fix = ("re-run prepare_data for this dataset" + (
-        ", then re-upload it with upload_directory (it re-sends only missing or "
-        "different files)" if gs else ""))
-    problems = []
-    for split in splits:
-        shards = _shard_specs(data_dir, manifest, split)
-        listed = set()
-        for shard in shards:
-            name = shard["file"]
-            listed.add(name)
-            where = _join(data_dir, name)
-            if name not in listing:
-                problems.append(f"shard {where} is missing")
-                continue
-            size, md5 = listing[name]
-            if size != shard["bytes"]:
-                kind = "truncated" if size < shard["bytes"] else "larger than listed"
-                problems.append(
-                    f"shard {where} is {kind}: {size} bytes, manifest says "
-                    f"{shard['bytes']}")
-                continue
-            want_md5 = shard.get("md5")
-            if want_md5 and md5 is None and check_local_md5 and not gs:
-                md5 = file_digest(os.path.join(data_dir, name)).md5
-            if want_md5 and md5 and md5 != want_md5:
-                problems.append(
-                    f"shard {where} is corrupt: md5 {md5}, manifest says {want_md5}")
-        for name in sorted(listing):
-            if fnmatch.fnmatchcase(name, f"{split}-*.tfrecord") and name not in listed:
-                problems.append(
-                    f"shard {_join(data_dir, name)} is not in the manifest (left "
-                    f"over from an earlier run?); delete it")
+    bucket, name = split_gs_url(url)
+    client = client or make_client()
+    try:
+        return client.bucket(bucket).blob(name).download_as_bytes()
+    except gexc.NotFound as e:
+        if not client.bucket(bucket).exists():
+            raise _access_error(bucket, e) from e
+        raise FileNotFoundError(url) from e
+    except Exception as e:  # noqa: BLE001 - mapped or re-raised
+        err = _access_error(bucket, e)
+        if err is not None:
+            raise err from e
+        raise
 
-    vocab = manifest.get("vocabulary")
-    if isinstance(vocab, dict) and isinstance(vocab.get("file"), str):
-        if vocab["file"] not in listing:
-            problems.append(f"vocabulary file {_join(data_dir, vocab['file'])} is missing")
 
-    if problems:
-        raise DataError(
-            f"dataset {data_dir} does not match its {MANIFEST_NAME}: "
-            + "; ".join(problems) + f". Fix: {fix}"
-        )
+def list_directory(url: str, *, client=None) -> dict[str, tuple[int, str | None]]:
+    """{file name: (size, base64 md5 or None)} of the objects directly under gs://bucket/prefix/,
+    in one (paginated) listing."""
+    bucket, prefix = split_gs_url(url)
+    client = client or make_client()
+    blobs = _list_blobs(client, bucket, prefix, delimiter="/")
+    cut = len(prefix) + 1 if prefix else 0
+    return {
+        name[cut:]: (int(b.size or 0), b.md5_hash)
+        for name, b in blobs.items()
+        if "/" not in name[cut:]
+    }
 
 
 # --------------------------------------------------------------------------

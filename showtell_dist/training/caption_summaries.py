@@ -26,8 +26,7 @@ import re
 
 import tensorflow as tf
 
-from showtell_dist.data import pipeline, records
-from showtell_dist.data.prepare import MANIFEST, load_manifest
+from showtell_dist.data import dataset_dir, pipeline
 from showtell_dist.decoding.decoder import build_decoder
 from showtell_dist.decoding.options import GREEDY
 from showtell_dist.distribute.strategy import is_chief
@@ -46,31 +45,6 @@ def summary_images_of(config) -> int:
         raise ConfigError(f"train.summary_images must be an integer >= 0 (0 turns the TensorBoard caption "
                           f"samples off), got {n!r}.")
     return n
-
-
-def _first_examples(data_dir: str, manifest: dict, split: str, n: int) -> list[dict]:
-    """The first n examples of a split in record order (shard by shard), parsed, as numpy."""
-    spec = pipeline.PipelineSpec(data_dir=data_dir.rstrip("/"), split=split, image_size=1, captions_per_image=1,
-                                 max_len=1, global_batch_size=1)
-    dim = pipeline.feature_dim(manifest)
-    parse = records.parse_example if dim is None else (lambda s: records.parse_features_example(s, dim))
-    ds = tf.data.TFRecordDataset(pipeline.shard_files(manifest, spec)).take(n).map(parse)
-    return [{k: v.numpy() for k, v in e.items() if k != "captions"} for e in ds]
-
-
-def _pictures(source: str, split: str, image_ids: list[str]) -> dict[str, bytes]:
-    """image_id -> JPEG bytes from the image records at `source`, reading only until all are found."""
-    manifest = load_manifest(source)
-    spec = pipeline.PipelineSpec(data_dir=source.rstrip("/"), split=split, image_size=1, captions_per_image=1,
-                                 max_len=1, global_batch_size=1)
-    wanted, found = set(image_ids), {}
-    for e in tf.data.TFRecordDataset(pipeline.shard_files(manifest, spec)).map(records.parse_example):
-        image_id = e["image_id"].numpy().decode("utf-8")
-        if image_id in wanted:
-            found[image_id] = e["jpeg"].numpy()
-            if len(found) == len(wanted):
-                break
-    return found
 
 
 def _image_records_of(config, manifest: dict) -> list[str]:
@@ -113,14 +87,16 @@ class CaptionSummaries:
             return
         self.options = eval_options(exp.config)  # validated: before step 1, not at the first validation
         data_dir = exp.data_dir  # the current phase's: images from a finetune phase on
-        examples = _first_examples(data_dir, exp.manifest, "val", n)
+        examples = [{k: v.numpy() for k, v in e.items() if k != "captions"}
+                    for e in dataset_dir.first_examples(data_dir, exp.manifest, "val", n)]
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
         ids = [e["image_id"].decode("utf-8") for e in examples]
         if self.from_features:
             self.inputs = tf.stack([e["features"] for e in examples])  # [n, dim]
             sources = _image_records_of(exp.config, exp.manifest)
-            source = next((s for s in sources if tf.io.gfile.exists(f"{s.rstrip('/')}/{MANIFEST}")), None)
-            jpegs = _pictures(source, "val", ids) if source else {}
+            source = next((s for s in sources if dataset_dir.is_prepared(s)), None)
+            found = dataset_dir.read_examples(source, "val", ids, with_jpeg=True) if source else {}
+            jpegs = {i: e["jpeg"] for i, e in found.items() if "jpeg" in e}
             missing = [i for i in ids if i not in jpegs]
             if missing:
                 log(f"caption samples: {len(missing)} of the {len(ids)} val pictures are not in the image records "

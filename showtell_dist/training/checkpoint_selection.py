@@ -3,15 +3,10 @@
 The checkpoint with the lowest validation loss is not the one that writes the
 best captions, so a run with `eval.select_metric` set (e.g. "CIDEr-D") decodes
 the validation split every `train.eval_every` steps with the run's decoding
-options (its eval section, `run_dir.eval_options`), scores it and,
-when the metric improves, saves that checkpoint into model_dir/best/:
-
-  model_dir/best/ckpt-<step>.*       the selected checkpoint (only the latest best is kept)
-  model_dir/best/selection.json      {"metric", "best": {"step", "value", "checkpoint", "metrics"},
-                                      "history": [{"step", "metrics"}, ...]}
-
-`load_trained_model` and launch/evaluate.py then default to that checkpoint
-(run/run_dir.py reads it).
+options (its eval section, `run_dir.eval_options`), scores it and, when the
+metric improves, saves that checkpoint into model_dir/best/ beside
+best/selection.json (both described in run/run_dir.py, which reads them:
+`load_trained_model` and launch/evaluate.py then default to that checkpoint).
 METEOR is left out of the selection scores (its JVM costs ~10 s a call); the
 final evaluation (`evaluate_selected`) computes every metric. The decode
 function is built once (`SplitDecoder`) and reused at every evaluation. Under
@@ -27,7 +22,7 @@ import tensorflow as tf
 
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
-from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, eval_options, read_selection, select_metric_of
+from showtell_dist.run.run_dir import RunDir, eval_options, select_metric_of
 
 class CheckpointSelector:
     """Scores the validation split at each evaluation and keeps the best checkpoint in model_dir/best."""
@@ -36,7 +31,7 @@ class CheckpointSelector:
         self.metric = select_metric_of(exp.config)
         self.options = eval_options(exp.config)  # validated here, before step 1
         self.exp, self.strategy, self.log = exp, strategy, log
-        self.model_dir = model_dir.rstrip("/")
+        self.run = RunDir(model_dir)
         self.enabled = bool(self.metric)
         self._references = None
         self._decoder = None  # SplitDecoder, built at the first evaluation and kept
@@ -50,12 +45,12 @@ class CheckpointSelector:
         check_java()  # before step 1, not at the first evaluation
         self.chief = is_chief(strategy)
         # Other workers save too (the save is collective), into a scratch directory.
-        best_dir = (f"{self.model_dir}/{BEST_DIR}" if self.chief or num_workers(strategy) == 1
-                    else f"{self.model_dir}/{BEST_DIR}_worker_{strategy.cluster_resolver.task_id}")
+        best_dir = self.run.best_save_dir(None if self.chief or num_workers(strategy) == 1
+                                          else strategy.cluster_resolver.task_id)
         self.manager = tf.train.CheckpointManager(exp.checkpoint, best_dir, max_to_keep=1)
-        self.selection = read_selection(self.model_dir) or {"metric": self.metric, "best": None, "history": []}
+        self.selection = self.run.read_selection() or {"metric": self.metric, "best": None, "history": []}
         if self.selection["metric"] != self.metric:
-            raise ConfigError(f"{self.model_dir}/{BEST_DIR} selected checkpoints by {self.selection['metric']}, "
+            raise ConfigError(f"{self.run.best} selected checkpoints by {self.selection['metric']}, "
                               f"this run by {self.metric}; use a new --model_dir or the same eval.select_metric.")
 
     def resume_at(self, step: int) -> None:
@@ -87,7 +82,8 @@ class CheckpointSelector:
         done = [h["metrics"] for h in self.selection["history"] if h["step"] == step]
         if done:  # a finished run launched again: that step was scored already
             return done[-1]
-        from showtell_dist.evaluation.evaluator import SplitDecoder, scan_records
+        from showtell_dist.data.dataset_dir import read_examples
+        from showtell_dist.evaluation.evaluator import SplitDecoder
         from showtell_dist.evaluation.metrics import score_captions
         from showtell_dist.run.restore import TrainedModel
 
@@ -99,7 +95,7 @@ class CheckpointSelector:
         with self.exp.trainer.evaluation_weights():  # the moving average, when the run keeps one
             results, _ = self._decoder.decode(data_dir, "val", max_images=max_images, progress=False)
         if self._references is None:
-            refs = scan_records(data_dir, "val", [r["image_id"] for r in results])
+            refs = read_examples(data_dir, "val", [r["image_id"] for r in results])
             self._references = {i: e["references"] for i, e in refs.items()}
         corpus, _ = score_captions({r["image_id"]: r["caption"] for r in results}, self._references,
                                    use_meteor=False)
@@ -111,9 +107,7 @@ class CheckpointSelector:
             self.selection["best"] = {"step": step, "phase": phase, "value": corpus[self.metric],
                                       "checkpoint": prefix, "metrics": corpus}
         if self.chief:
-            from showtell_dist.data.prepare import write_json_atomically
-
-            write_json_atomically(f"{self.model_dir}/{BEST_DIR}/{SELECTION_FILE}", self.selection)
+            self.run.write_selection(self.selection)
         if num_workers(self.strategy) > 1:
             _barrier(self.strategy)  # the other workers go on once selection.json is written
         best = self.selection["best"]
@@ -132,12 +126,13 @@ def _barrier(strategy: tf.distribute.Strategy) -> None:
 def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split: str = "val",
                       progress: bool = True) -> dict:
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
+    run = RunDir(model_dir)
     from showtell_dist.data import feature_cache
     from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
 
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = feature_cache.data_dir_for(trained.config)  # images when the run fine-tuned its encoder
-    return evaluate_split([trained], data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
+    return evaluate_split([trained], data_dir, split, strategy, run.eval_output(split),
                           eval_options(trained.config), SplitOptions(progress=progress),
-                          ReportOptions(selection=read_selection(model_dir)))
+                          ReportOptions(selection=run.read_selection()))

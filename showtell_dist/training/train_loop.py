@@ -30,7 +30,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.data import feature_cache, pipeline
-from showtell_dist.data.prepare import VOCABULARY, load_manifest
+from showtell_dist.data.dataset_dir import load_manifest, validate, vocabulary_path
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, resolve_precision,
                                                 resolve_use_cudnn)
@@ -38,11 +38,9 @@ from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.features.compatibility import check_features_compatible
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
-from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.run.run_dir import checkpoint_at
+from showtell_dist.run.run_dir import RunDir, checkpoint_at
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
-from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import Phase, phase_at, phases_of
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import RunState, Trainer
@@ -153,10 +151,10 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
         manifest = manifests[phase_data_dir] = load_manifest(phase_data_dir)
         check_features_compatible(manifest, config.model, phase_data_dir)
         # A missing, extra or truncated shard stops here, before step 1, not mid-epoch (or mid-run).
-        validate_dataset(phase_data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+        validate(phase_data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
     manifest = manifests[data_dir]
-    tokenizer = Tokenizer.load(f"{data_dir.rstrip('/')}/{VOCABULARY}")
-    tokenizer.check_rules(f"{data_dir.rstrip('/')}/{VOCABULARY}")  # records of older word-splitting rules
+    tokenizer = Tokenizer.load(vocabulary_path(data_dir))
+    tokenizer.check_rules(vocabulary_path(data_dir))  # records of older word-splitting rules
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(config.train.seed)
     with strategy.scope():
@@ -223,19 +221,6 @@ def _restore(exp: Experiment, phases: list[Phase], prefix: str, strategy, log) -
         exp.checkpoint.restore(prefix).assert_existing_objects_matched()
 
 
-def _checkpoint_dir(model_dir: str) -> str:
-    """The chief's checkpoints: what every worker restores from."""
-    return f"{model_dir}/checkpoints"
-
-
-def _save_dir(model_dir: str, strategy) -> str | None:
-    """None on the chief (it saves into _checkpoint_dir); on other workers a scratch dir: they must
-    save too (the save is collective), and delete their copy right after (_save)."""
-    if is_chief(strategy):
-        return None
-    return f"{model_dir}/checkpoints_worker_{strategy.cluster_resolver.task_id}"
-
-
 def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | None) -> None:
     manager.save(checkpoint_number=step)
     if scratch_dir and tf.io.gfile.exists(scratch_dir):
@@ -259,13 +244,15 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     """
     chief = is_chief(strategy)
     exp = build_experiment(config, strategy)
-    prepare_model_dir(model_dir, json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
-    scratch_dir = _save_dir(model_dir, strategy)
-    manager = tf.train.CheckpointManager(exp.checkpoint, scratch_dir or _checkpoint_dir(model_dir),
+    run = RunDir(model_dir)
+    run.prepare_for_training(json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
+    # Other workers save too (the save is collective), into a scratch dir they delete right after (_save).
+    scratch_dir = None if chief else run.checkpoint_save_dir(strategy.cluster_resolver.task_id)
+    manager = tf.train.CheckpointManager(exp.checkpoint, scratch_dir or run.checkpoints,
                                          max_to_keep=config.train.keep_checkpoints)
     selector = CheckpointSelector(exp, strategy, model_dir, log=log)  # checks Java etc. before step 1
     phases = phases_of(config)
-    latest = tf.train.latest_checkpoint(_checkpoint_dir(model_dir))  # every worker resumes from the chief's
+    latest = run.latest_checkpoint()  # every worker resumes from the chief's
     if latest:
         _restore(exp, phases, latest, strategy, log)
         log(f"resumed from {latest} at step {exp.trainer.current_step()} ({exp.phase.name} phase)")
@@ -275,8 +262,8 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
     selector.resume_at(start)
     caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
     total = phases[-1].end
-    writer = tf.summary.create_file_writer(f"{model_dir}/train") if chief else tf.summary.create_noop_writer()
-    eval_writer = tf.summary.create_file_writer(f"{model_dir}/eval") if chief else tf.summary.create_noop_writer()
+    writer = tf.summary.create_file_writer(run.summaries("train")) if chief else tf.summary.create_noop_writer()
+    eval_writer = tf.summary.create_file_writer(run.summaries("eval")) if chief else tf.summary.create_noop_writer()
     metrics: dict = {"step": start}
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
                mininterval=2.0, dynamic_ncols=True)
