@@ -57,10 +57,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import tensorflow as tf
 
 from showtell_dist.config_fields import check_positive as _check_positive
+from showtell_dist.data.tokenizer import PAD_ID
 from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
 from showtell_dist.errors import ConfigError
 
-PAD_ID = 0
 
 _NEG_INF = float("-inf")
 # Words a caption should not end on (self-critical.pytorch's bad_endings, plus conjunctions and possessives).

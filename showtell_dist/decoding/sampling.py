@@ -22,9 +22,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
+from showtell_dist.data.tokenizer import PAD_ID
 from showtell_dist.errors import ConfigError
 
-PAD_ID = 0
 
 
 class _SampleLoopState(NamedTuple):
