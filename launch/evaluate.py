@@ -37,9 +37,9 @@ cli.define_decode_flags()
 def _default_data_dir(config) -> str:
     import tensorflow as tf
 
-    from showtell_dist.data import feature_cache
+    from showtell_dist.training.phases import data_dir_for
 
-    data_dir = feature_cache.data_dir_for(config)  # the records once the run has fine-tuned its encoder
+    data_dir = data_dir_for(config)  # the records once the run has fine-tuned its encoder
     if data_dir != config.data.records_dir and tf.io.gfile.exists(f"{data_dir.rstrip('/')}/manifest.json"):
         return data_dir  # the encoder's features, cached: decoding skips the encoder
     return config.data.records_dir
@@ -58,11 +58,11 @@ def main(argv):
         members = models if isinstance(models, list) else [models]
         first = members[0]
         records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
-        from showtell_dist.data import feature_cache
         from showtell_dist.data.prepare import load_manifest
+        from showtell_dist.training.phases import check_cache_serves_run
 
         for member in members:  # a features cache cannot serve a run that fine-tuned its encoder
-            feature_cache.check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
+            check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
         model_dir = flags.FLAGS.model_dir[0].rstrip("/")
         output_dir = _OUTPUT_DIR.value or (f"{model_dir}/eval_{_SPLIT.value}"
                                            + ("_ensemble" if len(members) > 1 else ""))

@@ -13,6 +13,7 @@ from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.model.show_and_tell import build_model
 from showtell_dist.training import train_loop
+from showtell_dist.training.phases import check_cache_serves_run, data_dir_for, recache_dir
 from showtell_dist.training.trainer import FineTuneTrainer, encoder_variables
 from tiny_setup import VOCAB, global_batch, tiny_config, mirrored
 
@@ -96,11 +97,18 @@ def test_data_dir_for_and_validation():
     c = tiny_config("records")
     c.data.features_dir = "features"
     c.phases = "xe,finetune,scst"
-    assert feature_cache.data_dir_for(c, "xe") == "features"
-    assert feature_cache.data_dir_for(c, "finetune") == feature_cache.data_dir_for(c, "scst") == "records"
-    assert feature_cache.data_dir_for(c) == "records"  # evaluating the run's checkpoints afterwards
+    assert data_dir_for(c, "xe") == "features"
+    assert data_dir_for(c, "finetune") == data_dir_for(c, "scst") == "records"
+    assert data_dir_for(c) == "records"  # evaluating the run's checkpoints afterwards
+    # Given the run's directory: after the finetune phase, the features re-cached with its encoder.
+    assert data_dir_for(c, "xe", "runs/x") == "features" and data_dir_for(c, "finetune", "runs/x") == "records"
+    assert data_dir_for(c, "scst", "runs/x") == recache_dir("runs/x", "finetune") == "runs/x/features_after_finetune"
+    assert data_dir_for(c, None, "runs/x") == "records"
+    c.data.features_dir = ""  # no features cache: the records after fine-tuning too
+    assert data_dir_for(c, "scst", "runs/x") == "records"
+    c.data.features_dir = "features"
     c.phases = "xe,scst"
-    assert feature_cache.data_dir_for(c) == feature_cache.data_dir_for(c, "scst") == "features"
+    assert data_dir_for(c) == data_dir_for(c, "scst") == data_dir_for(c, "scst", "runs/x") == "features"
 
     config = tiny_config("records").to_dict()
     config["phases"] = "xe,finetune"
@@ -149,7 +157,7 @@ def test_features_then_finetune_reads_images_and_resumes_exactly(run_config, wei
     assert full.data_dir == run_config.data.records_dir
     assert full.manifest is full.manifests[run_config.data.records_dir]
     assert full.manifests[run_config.data.features_dir]["kind"] == feature_cache.KIND
-    assert feature_cache.data_dir_for(run_config) == run_config.data.records_dir  # evaluate_selected, evaluate.py
+    assert data_dir_for(run_config) == run_config.data.records_dir  # evaluate_selected, evaluate.py
     reference = build_encoder("small_cnn", image_size=32, weights=weights)
     for v, r in zip(full.model.encoder.weights, reference.weights):
         moved = not np.array_equal(v.numpy(), r.numpy())
@@ -175,11 +183,11 @@ def test_a_features_cache_cannot_serve_a_fine_tuned_run():
     c = tiny_config("records")
     c.data.features_dir = "features"
     cache, records = {"kind": feature_cache.KIND}, {}
-    feature_cache.check_cache_serves_run(c, "features", cache)  # xe only: the cache is the encoder's
+    check_cache_serves_run(c, "features", cache)  # xe only: the cache is the encoder's
     c.phases = "xe,finetune"
-    feature_cache.check_cache_serves_run(c, "records", records)
+    check_cache_serves_run(c, "records", records)
     with pytest.raises(ConfigError, match="fine-tuned its encoder.*decode from the image records"):
-        feature_cache.check_cache_serves_run(c, "features", cache)
+        check_cache_serves_run(c, "features", cache)
 
 
 def test_an_encoder_trained_since_xe_is_listed_once():

@@ -31,7 +31,7 @@ from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search, check_decode_options, greedy_decode
 from showtell_dist.distribute.strategy import is_chief
-from showtell_dist.errors import ConfigError
+from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.run.run_dir import eval_options
 
 IMAGE_TAG = "val_images"
@@ -71,6 +71,13 @@ def _pictures(source: str, split: str, image_ids: list[str]) -> dict[str, bytes]
             if len(found) == len(wanted):
                 break
     return found
+
+
+def _decoder_inputs(examples: list[dict], manifest: dict, image_size: int) -> tf.Tensor:
+    """[n, dim] cached features, or [n, size, size, 3] decoded images."""
+    if pipeline.feature_dim(manifest) is not None:
+        return tf.stack([e["features"] for e in examples])
+    return tf.stack([pipeline.decode_image(e["jpeg"], image_size) for e in examples])
 
 
 def _image_records_of(config, manifest: dict) -> list[str]:
@@ -117,8 +124,9 @@ class CaptionSummaries:
         examples = _first_examples(data_dir, exp.manifest, "val", n)
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
         ids = [e["image_id"].decode("utf-8") for e in examples]
+        self.inputs = _decoder_inputs(examples, exp.manifest, exp.model.image_size)
+        self._inputs = {data_dir: self.inputs}  # data dir -> its decoder inputs: a later phase may read another
         if self.from_features:
-            self.inputs = tf.stack([e["features"] for e in examples])  # [n, dim]
             sources = _image_records_of(exp.config, exp.manifest)
             source = next((s for s in sources if tf.io.gfile.exists(f"{s.rstrip('/')}/{MANIFEST}")), None)
             jpegs = _pictures(source, "val", ids) if source else {}
@@ -129,8 +137,6 @@ class CaptionSummaries:
                     "are written without the picture.")
         else:
             jpegs = {i: e["jpeg"] for i, e in zip(ids, examples)}
-            size = exp.model.image_size
-            self.inputs = tf.stack([pipeline.decode_image(e["jpeg"], size) for e in examples])  # [n, size, size, 3]
         self.samples = [{"image_id": i, "tag": _tag_suffix(k, i), "jpeg": jpegs.get(i),
                          "references": [r.decode("utf-8") for r in e["caption_text"]]}
                         for k, (i, e) in enumerate(zip(ids, examples))]
@@ -140,13 +146,24 @@ class CaptionSummaries:
     def image_ids(self) -> list[str]:
         return [s["image_id"] for s in self.samples]
 
+    def _inputs_of(self, data_dir: str | None, manifest: dict | None) -> tf.Tensor:
+        """The samples' decoder inputs from `data_dir` (a phase's data: its images or cached features; default
+        the experiment's when this was built), read once per directory."""
+        data_dir = data_dir or self.exp.data_dir
+        if data_dir not in self._inputs:
+            examples = _first_examples(data_dir, manifest, "val", len(self.samples))
+            if [e["image_id"].decode("utf-8") for e in examples] != self.image_ids:
+                raise DataError(f"the first val images of {data_dir} are not those of the run's other data "
+                                f"({', '.join(self.image_ids)}): prepare or cache it from the same records.")
+            self._inputs[data_dir] = _decoder_inputs(examples, manifest, self.exp.model.image_size)
+        return self._inputs[data_dir]
+
     def _build_decoder(self):
         model, tokenizer, options = self.exp.model, self.exp.tokenizer, self.options
-        from_features = self.from_features
 
         @tf.function
-        def decode(inputs):
-            features = inputs if from_features else model.encode(inputs, training=False)
+        def decode(inputs):  # [n, dim] cached features or [n, size, size, 3] images: one trace each
+            features = inputs if inputs.shape.rank == 2 else model.encode(inputs, training=False)
             state = model.initial_state(features)
             greedy, _ = greedy_decode(model.decode_step, state, max_len=tokenizer.max_len - 1, start_id=START_ID,
                                       end_id=END_ID, forbidden_ids=(UNK_ID, START_ID))  # [n, time]
@@ -159,19 +176,22 @@ class CaptionSummaries:
 
         return decode
 
-    def captions(self) -> list[dict]:
-        """The samples' current captions: [{"image_id", "greedy", "beam", "references"}]."""
+    def captions(self, data_dir: str | None = None, manifest: dict | None = None) -> list[dict]:
+        """The samples' current captions: [{"image_id", "greedy", "beam", "references"}], decoded from
+        data_dir (the current phase's data, with its manifest; default the data this was built with)."""
         if not self.samples:
             return []
+        inputs = self._inputs_of(data_dir, manifest)
         with self.exp.trainer.evaluation_weights():  # the weights the evaluations score
-            greedy, beam = self._decode(self.inputs)
+            greedy, beam = self._decode(inputs)
         decode = self.exp.tokenizer.decode
         return [{"image_id": s["image_id"], "greedy": decode(g), "beam": decode(b), "references": s["references"]}
                 for s, g, b in zip(self.samples, greedy.numpy(), beam.numpy())]
 
-    def __call__(self, writer, step: int) -> list[dict]:
-        """Decodes the samples with the current weights and writes their summaries at `step`."""
-        captions = self.captions()
+    def __call__(self, writer, step: int, data_dir: str | None = None, manifest: dict | None = None) -> list[dict]:
+        """Decodes the samples with the current weights (from data_dir: see `captions`) and writes their
+        summaries at `step`."""
+        captions = self.captions(data_dir, manifest)
         if not captions:
             return captions
         beam = f"beam {self.options['beam_width']}"
