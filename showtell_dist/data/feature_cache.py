@@ -16,7 +16,11 @@ once per image of prepared records and writes, into a directory (local or gs://)
                                           this directory's shard sizes and md5s,
                                           "kind": "features" and a "features"
                                           entry naming the encoder, its weights
-                                          (and their sha256), image size and dim
+                                          (and their sha256), image size and dim;
+                                          a run's re-cache after fine-tuning
+                                          (training/phases.py) names in it the
+                                          run and checkpoint ("fine_tuned") and
+                                          fingerprints the weights themselves
 
 Training and evaluation read a features cache like image records (the input
 pipeline yields `features` instead of `images`; the train and eval steps skip

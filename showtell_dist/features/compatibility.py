@@ -27,9 +27,15 @@ def require_weights(model_config) -> None:
             ".weights.h5 file (or 'imagenet'), or train from the image records (data.features_dir='').")
 
 
-def check_features_compatible(manifest: dict, model_config, features_dir: str) -> None:
-    """Raises ConfigError unless the features cache `manifest` holds what `model_config`'s encoder computes."""
+def check_features_compatible(manifest: dict, model_config, features_dir: str, encoder=None) -> None:
+    """Raises ConfigError unless the features cache `manifest` holds what `model_config`'s encoder computes.
+
+    encoder: the model's encoder, when it is at hand. A run's re-cache after fine-tuning (a "fine_tuned"
+    entry) fits only an encoder with the weights it was computed with (check_recache_fits)."""
     if pipeline.manifest_kind(manifest) != feature_cache.KIND:
+        return
+    if encoder is not None and manifest["features"].get("fine_tuned"):
+        check_recache_fits(manifest, model_config, encoder, features_dir)
         return
     fix = (f"re-run the caching for this model (python launch/cache_features.py --config=... "
            f"--output_dir={features_dir}, or delete {features_dir} and launch/train.py rebuilds it), "

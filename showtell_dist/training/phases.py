@@ -212,8 +212,10 @@ def trains_encoder(config) -> bool:
 
 def check_cache_serves_run(config, data_dir: str, manifest: dict) -> None:
     """Raises ConfigError when `data_dir` is a features cache but the run (config) fine-tuned its
-    encoder: the cache holds the features of the encoder before it moved."""
-    if pipeline.manifest_kind(manifest) == feature_cache.KIND and trains_encoder(config):
+    encoder: the cache holds the features of the encoder before it moved. (The run's own re-cache after
+    fine-tuning may serve its later checkpoints: decoding checks its fingerprint against the model's encoder.)"""
+    fine_tuned = (manifest.get("features") or {}).get("fine_tuned")
+    if pipeline.manifest_kind(manifest) == feature_cache.KIND and trains_encoder(config) and not fine_tuned:
         raise ConfigError(f"{data_dir} is a features cache, but this run fine-tuned its encoder (config.phases="
                           f"{config.get('phases', '')!r}), so the cached features are stale; decode from the image "
                           f"records ({config.data.records_dir}).")
