@@ -89,4 +89,5 @@ def check_recache_fits(manifest: dict, model_config, encoder, features_dir: str)
     if cached["weights_sha256"] != sha:
         raise ConfigError(f"{features_dir} holds features of the encoder of run {origin['run']} at checkpoint "
                           f"{origin['checkpoint']} (step {origin['step']}, sha256 {cached['weights_sha256'][:12]}), "
-                          f"but this run's encoder now has other weights (sha256 {sha[:12]}): the cache is stale; {fix}.")
+                          f"but this run's encoder now has other weights (sha256 {sha[:12]}): the cache is stale; "
+                          f"{fix}.")

@@ -13,8 +13,9 @@ worker asks at every boundary) and hands each action a `Boundary`:
   CaptionSamples    likewise: val images and their captions in TensorBoard (caption_summaries.py)
 
 (evaluations do not fire on preemption: the job is being stopped). A Boundary
-carries the phase's trainer and data, so an action reads nothing that a phase
-change replaces: none is rebuilt when a phase begins.
+carries the phase's trainer and data, so no action is rebuilt when a phase
+begins (the evaluation weights are the run's: every phase's trainer shares its
+moving average).
 
 `RunRecord` is what the actions and the controller write to: the metrics that
 train() returns, the train/ and eval/ TensorBoard writers and the progress bar.
