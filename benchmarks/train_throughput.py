@@ -446,7 +446,7 @@ def precision_section(args) -> None:
 def scst_section(args) -> dict:
     """Prints the self-critical step's images/s beside the cross-entropy step's on the same batches."""
     from configs import scst
-    from showtell_dist.reward.cider_d import DocumentFrequencies, word_ids_np
+    from showtell_dist.data.document_frequencies import DocumentFrequencies, word_ids_np
     from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
     from showtell_dist.training.trainer import RunState
 

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_checkpoint = ""            # e.g. runs/f8k_ce/best: start the first phase from that run's weights
 
     c.train.steps = 3500              # the xe phase
+    c.train.schedule_steps = 0        # 0: the cosine schedule is 3500 steps long; 6000 keeps flickr8k_mobilenet.py's
+    c.train.decay_fraction = 1.0      # (its rates at step 3500 were 4.2e-4 there against 0.5e-4 here)
 
     c.scst = scst.section()
     c.scst.steps = 2000               # 10.7 epochs of 6000 images at 32 per step
@@ -42,9 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.scst.max_len = 20               # tokens per sample incl. <end>; references are cut at 23 words
     c.scst.temperature = 1.0
     c.scst.dropout = False
+    c.scst.reward_end_token = False   # True: <end> is a word of the CIDEr-D reward (see configs/scst.py)
     c.scst.xe_weight = 0.0
     c.scst.learning_rate = 1e-4
     c.scst.warmup_steps = 0
-    c.scst.final_lr_ratio = 1.0       # constant
+    c.scst.final_lr_ratio = 1.0       # constant; e.g. 0.1 with decay_fraction = 1/3 decays over the last third
+    c.scst.decay_fraction = 1.0
+    c.scst.schedule_steps = 0         # 0: steps
     c.scst.clip_norm = 5.0
     return c

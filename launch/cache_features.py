@@ -12,12 +12,11 @@ manifest.json (last). Train from it with --config.data.features_dir=<output_dir>
 """
 
 import _bootstrap  # noqa: F401  (puts the repo on sys.path)
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/flickr8k_mobilenet.py.")
+_CONFIG = cli.define_config_flag(None, "Experiment config file, e.g. configs/flickr8k_mobilenet.py.")
 flags.mark_flag_as_required("config")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write the cache (local or gs://). "
                               "Default: the config's data.features_dir.")
@@ -50,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -49,6 +49,7 @@ def main(argv):
     del argv
     with cli.user_errors():
         strategy = cli.strategy_from_flags()
+        from showtell_dist.evaluation import caption_soundness
         from showtell_dist.evaluation.evaluator import evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
         from showtell_dist.run.run_dir import read_selection
@@ -80,6 +81,7 @@ def main(argv):
         speed = summary["images_per_s"]
         print(f"{summary['num_images']} images" + (f", {speed:.1f} images/s" if speed else ""))
         print(format_metrics_table(summary["metrics"]))
+        print(caption_soundness.describe(summary["caption_soundness"]))
         for path in summary["files"].values():
             print(f"wrote {path}")
 

@@ -13,10 +13,11 @@ import _bootstrap  # noqa: F401
 from absl import app, flags
 
 import cli
+from showtell_dist.config_fields import LAYOUT_CHOICES
 
 _INPUT = flags.DEFINE_string("input_dir", None, "Dataset directory in a supported layout.", required=True)
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write records (local or gs://).", required=True)
-_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "tutorial", "flickr", "coco", "karpathy"], "Input layout.")
+_LAYOUT = flags.DEFINE_enum("layout", "auto", list(LAYOUT_CHOICES), "Input layout.")
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Images directory, if not where the layout expects it.")
 _LANG = flags.DEFINE_string("lang", "en", "spaCy language of spacy.blank(lang).")
 _SPACY_MODEL = flags.DEFINE_string("spacy_model", None, "An installed spaCy pipeline to tokenize with instead.")

@@ -16,17 +16,16 @@ import os
 import sys
 
 import _bootstrap  # noqa: F401  (puts the repo on sys.path)
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 import cli
+from showtell_dist.config_fields import MIXED_PRECISION_CHOICES
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_bootstrap.REPO_ROOT, "configs", "demo.py"), "Experiment config file.")
+_CONFIG = cli.define_config_flag(os.path.join(_bootstrap.REPO_ROOT, "configs", "demo.py"), "Experiment config file.")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and config (local or gs://). "
                                  "Default: runs/<config name>.")
 _JIT = flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (overrides the config).")
-_MIXED = flags.DEFINE_enum("mixed_precision", None, ["none", "float32", "auto", "mixed_float16", "mixed_bfloat16"],
+_MIXED = flags.DEFINE_enum("mixed_precision", None, [choice or "none" for choice in MIXED_PRECISION_CHOICES],
                            "Precision (overrides the config): none = the device's default (mixed_bfloat16 on a "
                            "TPU, else float32); auto = mixed_bfloat16 where the device multiplies bf16 fast (TPU, "
                            "CPU with AMX/AVX512-BF16), else float32.")
@@ -45,7 +44,7 @@ def main(argv):
         config.train.mixed_precision = "" if _MIXED.value == "none" else _MIXED.value
     model_dir = _MODEL_DIR.value or cli.default_model_dir(flags.FLAGS["config"].config_filename)
     with cli.user_errors():
-        cli.validate_config(config)  # every bad value in one message, before any work
+        cli.validate_config(config, init_checkpoint=True)  # every bad value in one message, before any work
         strategy = cli.strategy_from_flags()
         from showtell_dist.features.builder import ensure_features
         from showtell_dist.data.prepare import ensure_prepared
@@ -84,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,20 +10,22 @@ import pytest
 import tensorflow as tf
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
-from showtell_dist.data.prepare import DOCUMENT_FREQUENCIES, load_manifest
+from showtell_dist.data.document_frequencies import (DOCUMENT_FREQUENCIES, KEY_BASE, DocumentFrequencies,
+                                                     check_vocabulary_fits, load_or_compute_document_frequencies,
+                                                     load_tables, save_tables, train_references, word_ids_np)
+from showtell_dist.data.prepare import load_manifest
+from showtell_dist.data.tokenizer import END_ID
 from showtell_dist.errors import ConfigError, DataError
-from showtell_dist.reward.cider_d import (KEY_BASE, DocumentFrequencies, check_vocabulary_fits, cider_d, word_ids,
-                                          word_ids_np)
-from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies, train_references
+from showtell_dist.reward.cider_d import cider_d, word_ids
 from tiny_setup import mirrored
 
 T, R = 9, 4
 
 
-def _random_sets(rng, num, vocab=7, train=False):
+def _random_sets(rng, num, vocab=7, train=False, words=(1, 2, 3, 4, 5, KEY_BASE - 2, KEY_BASE - 1)):
     """Candidates and reference sets with every edge case: repeated n-grams (a 7-word vocabulary), one-word and
     T-word captions, empty candidates, 1..R references, ids at both ends of the key range."""
-    words = np.array([1, 2, 3, 4, 5, KEY_BASE - 2, KEY_BASE - 1][:vocab])
+    words = np.array(words[:vocab])
 
     def caption():
         length = rng.choice([1, T, rng.integers(1, T + 1)])
@@ -127,6 +129,63 @@ def test_references_beyond_r_columns_and_candidate_length_may_differ():
     assert (no_refs == 0).all()
 
 
+WORDS_NOT_SPECIAL = (4, 5, 6, 7, 8, KEY_BASE - 2, KEY_BASE - 1)  # no <pad>, <start>, <end> or <unk> among them
+
+
+def test_end_token_reward_equals_pycocoevalcap_with_end_appended_to_every_caption():
+    """scst.reward_end_token: samples as the sampler writes them (<end> where drawn, then padding; some cut off
+    without <end>) and reference rows as batches hold them (<start> ... <end>), scored by the training reward,
+    equal pycocoevalcap's CIDEr-D with "<end>" appended as a word to every caption that has one."""
+    from showtell_dist.training.self_critical import cider_d_reward
+
+    rng = np.random.default_rng(5)
+    cands, refs = _random_sets(rng, 200, words=WORDS_NOT_SPECIAL)
+    ended = rng.random(len(cands)) < 0.8  # the others reached max_len without drawing <end>
+    samples = np.zeros([len(cands), T + 1], np.int32)
+    for i, words in enumerate(cands):
+        row = list(words) + ([END_ID] if ended[i] else [])
+        samples[i, : len(row)] = row
+        samples[i, len(row):] = 0
+    captions = np.zeros([len(refs), R, T + 2], np.int32)
+    for i, rs in enumerate(refs):
+        for j, words in enumerate(rs):
+            captions[i, j, : len(words) + 2] = [1] + list(words) + [END_ID]
+
+    def text(words, end):
+        return " ".join([f"w{w}" for w in words] + (["<end>"] if end else []))
+
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for i, (c, rs) in enumerate(zip(cands, refs)):
+        scorer += (text(c, ended[i]), [text(r, True) for r in rs])
+    _, expected = scorer.compute_score()
+
+    df = DocumentFrequencies.from_references(refs, end_token=True)
+    assert df.end_token
+    reward = cider_d_reward(df, caption_len=T + 2)
+    got = reward(tf.constant(samples), tf.constant(captions)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    compiled = tf.function(reward, jit_compile=True)(tf.constant(samples), tf.constant(captions)).numpy()
+    np.testing.assert_allclose(compiled, expected, rtol=0, atol=1e-4)
+    # and <end> matters: without it the same samples score otherwise
+    plain = cider_d_reward(DocumentFrequencies.from_references(refs), caption_len=T + 2)
+    assert np.abs(plain(tf.constant(samples), tf.constant(captions)).numpy() - expected).max() > 0.1
+
+
+def test_ngram_keys_from_tensorflow_text_windows_match_the_document_frequency_keys():
+    """The reward's n-gram keys (tensorflow_text.sliding_window, eager and XLA) are the document-frequency
+    table's (numpy), slot for slot."""
+    from showtell_dist.data.document_frequencies import _ngram_keys_np
+    from showtell_dist.reward.cider_d import _ngram_keys
+
+    cands, _ = _random_sets(np.random.default_rng(6), 30)
+    c, _ = _dense(cands, [[]] * len(cands))
+    expected = _ngram_keys_np(c)  # [rows, MAX_N * T], -1 where no n-gram
+    for fn in (_ngram_keys, tf.function(_ngram_keys, jit_compile=True)):
+        keys, valid = fn(tf.constant(c))  # [rows, MAX_N, T]
+        got = np.where(valid.numpy(), keys.numpy(), -1).reshape(len(cands), -1)
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_word_ids_drops_start_padding_and_everything_from_the_first_end():
     tokens = np.array([[1, 5, 6, 2, 0, 0],   # a caption row
                        [5, 6, 2, 7, 2, 8],   # a sampled row: words after <end> dropped
@@ -138,6 +197,9 @@ def test_word_ids_drops_start_padding_and_everything_from_the_first_end():
     np.testing.assert_array_equal(tf.function(word_ids, jit_compile=True)(tf.constant(tokens[None])).numpy()[0],
                                   expected)
     assert [word_ids_np(t) for t in tokens] == [[w for w in row if w] for row in expected]
+    with_end = [[5, 6, 2, 0, 0, 0], [5, 6, 2, 0, 0, 0], [2, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 4], [5, 6, 2, 0, 0, 0]]
+    np.testing.assert_array_equal(word_ids(tf.constant(tokens), keep_end=True).numpy(), with_end)
+    assert [word_ids_np(t, keep_end=True) for t in tokens] == [[w for w in row if w] for row in with_end]
 
 
 def test_document_frequencies_file_round_trip_and_bad_input(tmp_path):
@@ -172,16 +234,46 @@ def test_document_frequencies_file_round_trip_and_bad_input(tmp_path):
         check_vocabulary_fits(KEY_BASE + 1)
 
 
-def test_prepare_writes_the_train_document_frequencies(tiny_dataset):
+def test_prepare_writes_the_train_document_frequencies_without_and_with_end(tiny_dataset):
     records_dir, manifest = tiny_dataset
     entry = manifest["cider_document_frequencies"]
     assert entry["file"] == DOCUMENT_FREQUENCIES and entry["images"] == manifest["splits"]["train"]["images"]
-    df = DocumentFrequencies.load(os.path.join(records_dir, DOCUMENT_FREQUENCIES))
-    recount = DocumentFrequencies.from_references(train_references(records_dir, manifest))
-    assert len(df) == entry["ngrams"] > 0
-    np.testing.assert_array_equal(df.keys, recount.keys)
-    np.testing.assert_array_equal(df.frequencies, recount.frequencies)
-    assert df.log_num_docs == pytest.approx(np.log(manifest["splits"]["train"]["images"]))
+    for end_token, count in ((False, entry["ngrams"]), (True, entry["ngrams_with_end"])):
+        df = DocumentFrequencies.load(os.path.join(records_dir, DOCUMENT_FREQUENCIES), end_token=end_token)
+        recount = DocumentFrequencies.from_references(train_references(records_dir, manifest), end_token=end_token)
+        assert len(df) == count > 0 and df.end_token == end_token
+        np.testing.assert_array_equal(df.keys, recount.keys)
+        np.testing.assert_array_equal(df.frequencies, recount.frequencies)
+        assert df.log_num_docs == pytest.approx(np.log(manifest["splits"]["train"]["images"]))
+    assert entry["ngrams_with_end"] > entry["ngrams"]  # the n-grams ending in <end>
+
+
+def test_a_file_of_an_older_prepare_still_serves_and_gets_the_end_table_added(tiny_dataset, tmp_path):
+    """A version-1 file (one table, without <end>) is read as it is; asking for the <end> table counts both
+    from the train records once and rewrites the file with both."""
+    records_dir, _ = tiny_dataset
+    old = str(tmp_path / "old")
+    shutil.copytree(records_dir, old)
+    path = os.path.join(old, DOCUMENT_FREQUENCIES)
+    plain = DocumentFrequencies.load(path)
+    with_end = DocumentFrequencies.load(path, end_token=True)
+    np.savez_compressed(path, format=np.array("showtell_dist.cider_document_frequencies"), version=np.array(1),
+                        key_base=np.array(KEY_BASE, np.int64), max_n=np.array(4), keys=plain.keys,
+                        frequencies=plain.frequencies, log_num_docs=np.array(plain.log_num_docs, np.float64))
+    assert list(load_tables(path)) == [False]
+    messages = []
+    df = load_or_compute_document_frequencies(old, load_manifest(old), log=messages.append)
+    np.testing.assert_array_equal(df.keys, plain.keys)
+    assert messages == []  # the old table serves as it is
+    with pytest.raises(DataError, match="no CIDEr-D document frequencies counted with <end>.*delete it"):
+        DocumentFrequencies.load(path, end_token=True)
+    df = load_or_compute_document_frequencies(old, load_manifest(old), end_token=True, log=messages.append)
+    np.testing.assert_array_equal(df.keys, with_end.keys)
+    np.testing.assert_array_equal(df.frequencies, with_end.frequencies)
+    assert len(messages) == 2 and "without the table with <end>" in messages[0] and "saved" in messages[1]
+    assert sorted(load_tables(path)) == [False, True]
+    with pytest.raises(ValueError, match="one table per end_token"):
+        save_tables(str(tmp_path / "two.npz"), [plain, plain])
 
 
 def test_a_dataset_prepared_without_the_table_gets_it_counted_once_with_a_message(tiny_dataset, tmp_path):
@@ -191,16 +283,16 @@ def test_a_dataset_prepared_without_the_table_gets_it_counted_once_with_a_messag
     os.remove(os.path.join(old, DOCUMENT_FREQUENCIES))
     expected = DocumentFrequencies.load(os.path.join(records_dir, DOCUMENT_FREQUENCIES))
     messages = []
-    df = load_or_compute_document_frequencies(old, log=messages.append)
+    df = load_or_compute_document_frequencies(old, load_manifest(old), log=messages.append)
     np.testing.assert_array_equal(df.keys, expected.keys)
     np.testing.assert_array_equal(df.frequencies, expected.frequencies)
     assert len(messages) == 2 and f"has no {DOCUMENT_FREQUENCIES}" in messages[0] and "saved" in messages[1]
     assert os.path.exists(os.path.join(old, DOCUMENT_FREQUENCIES))
     messages.clear()
-    load_or_compute_document_frequencies(old, log=messages.append)
+    load_or_compute_document_frequencies(old, load_manifest(old), log=messages.append)
     assert messages == []  # loaded from the file written the first time
 
     os.remove(os.path.join(old, load_manifest(old)["splits"]["train"]["shards"][0]["file"]))
     os.remove(os.path.join(old, DOCUMENT_FREQUENCIES))
     with pytest.raises(DataError, match="does not exist; prepare the data again"):
-        load_or_compute_document_frequencies(old, log=messages.append)
+        load_or_compute_document_frequencies(old, load_manifest(old), log=messages.append)

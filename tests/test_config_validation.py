@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from configs import demo, flickr8k_inception, flickr8k_mobilenet
-from showtell_dist import config_validation
+from showtell_dist import config_fields, config_validation
 from showtell_dist.config_validation import Int, config_problems, register_field, validate_config
 from showtell_dist.errors import ConfigError
 
@@ -133,24 +133,38 @@ def test_registered_rule_and_missing_sections_of_older_runs():
         del config_validation.FIELDS["finetune.num_layers"]
 
 
-def test_choices_agree_with_the_library():
+def test_the_library_takes_its_choices_from_config_fields():
     from showtell_dist.data.layouts import LAYOUTS
     from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
+    from showtell_dist.distribute.precision import REQUESTS
+    from showtell_dist.distribute.strategy import STRATEGIES
+    from showtell_dist.model import efficientnet_lite
     from showtell_dist.model.encoders import IMAGE_SIZES
     from showtell_dist.model.show_and_tell import FEATURE_NORMS
-    from showtell_dist.distribute.precision import REQUESTS
     from showtell_dist.run.run_dir import SELECTABLE_METRICS
     from showtell_dist.training.phases import SECTIONS
     from showtell_dist.training.self_critical import BASELINES
 
-    assert set(config_validation.ENCODER_MIN_IMAGE_SIZE) == set(IMAGE_SIZES)
-    assert config_validation.LAYOUT_CHOICES == ("auto",) + tuple(LAYOUTS)
-    assert config_validation.FEATURE_NORM_CHOICES == tuple(FEATURE_NORMS)
-    assert config_validation.MIXED_PRECISION_CHOICES == tuple(REQUESTS)
-    assert config_validation.LENGTH_NORMALIZATION_CHOICES == tuple(LENGTH_NORMALIZATIONS)
-    assert config_validation.SELECT_METRIC_CHOICES == ("",) + tuple(SELECTABLE_METRICS)
-    assert config_validation.PHASE_SECTIONS == SECTIONS
-    assert config_validation.SCST_BASELINE_CHOICES == tuple(BASELINES)
+    assert IMAGE_SIZES is config_fields.ENCODER_IMAGE_SIZES
+    assert IMAGE_SIZES["efficientnet_lite2"] == efficientnet_lite.VARIANTS["lite2"].resolution
+    assert set(config_fields.ENCODER_MIN_IMAGE_SIZES) == set(IMAGE_SIZES)
+    assert LAYOUTS is config_fields.LAYOUTS and config_fields.LAYOUT_CHOICES == ("auto",) + LAYOUTS
+    assert FEATURE_NORMS is config_fields.FEATURE_NORMS
+    assert REQUESTS is config_fields.MIXED_PRECISION_CHOICES
+    assert SELECTABLE_METRICS is config_fields.SELECTABLE_METRICS
+    assert SECTIONS is config_fields.PHASE_SECTIONS
+    assert BASELINES is config_fields.SCST_BASELINES
+    assert STRATEGIES is config_fields.STRATEGIES
+    # decoding/ keeps its own list until its options get one home (issue 14, item 1): they must agree.
+    assert tuple(LENGTH_NORMALIZATIONS) == config_fields.LENGTH_NORMALIZATIONS
+
+
+def test_check_positive_names_the_argument():
+    assert config_fields.check_positive("batch_size", 3) == 3
+    assert config_fields.check_positive("max_images", None, allow_none=True) is None
+    for bad in (0, -1, 2.0, True, "3", None):
+        with pytest.raises(ConfigError, match=rf"^batch_size={bad!r} must be a positive integer\.$"):
+            config_fields.check_positive("batch_size", bad)
 
 
 def test_a_hand_edited_run_config_is_refused_when_loaded(tmp_path):
@@ -185,3 +199,132 @@ def test_launchers_exit_2_with_every_bad_value_before_any_work(tmp_path):
     assert cache.returncode == 2, cache.stderr[-3000:]
     assert "data.images_per_shard = 0: must be an integer >= 1" in cache.stderr
     assert not os.path.exists(records) and not os.path.exists(tmp_path / "features")
+
+
+# --- mistakes a new user makes (issue 15): one clear message and exit 2, before any work ---
+
+
+def test_an_unknown_field_is_named_with_the_close_names_and_the_configs_that_have_it():
+    from configs import flickr8k_mobilenet_scst
+
+    config = demo.get_config()
+    assert config_validation.unknown_field_problem(config, "train.steps") is None
+    assert config_validation.unknown_field_problem(config, "train.stpes", source="configs/demo.py") == (
+        "configs/demo.py has no field train.stpes; did you mean train.steps?")
+    bogus = config_validation.unknown_field_problem(config, "train.bogus", source="configs/demo.py")
+    assert bogus.startswith("configs/demo.py has no field train.bogus (section train has: checkpoint_every, ")
+    assert config_validation.unknown_field_problem(config, "train.steps.x") == (
+        "the config: train.steps is a value (3500), not a section with fields; override it as "
+        "--config.train.steps=VALUE")
+    others = {"configs/demo.py": config, "configs/flickr8k_mobilenet_scst.py": flickr8k_mobilenet_scst.get_config()}
+    for name, missing in (("phases", "phases"), ("init_checkpoint", "init_checkpoint"), ("scst.steps", "scst")):
+        message = config_validation.unknown_field_problem(config, name, source="configs/demo.py", others=others)
+        assert message.startswith(f"configs/demo.py has no field {missing} (the config has: data, demo, eval, ")
+        assert message.endswith(f". {missing} is a field of configs/flickr8k_mobilenet_scst.py: start from that "
+                                "config (--config=configs/flickr8k_mobilenet_scst.py), or add the field to yours")
+
+
+@pytest.mark.parametrize("phases, init_checkpoint, fix", [
+    ("scst,xe", "", "--config.phases=xe,scst"),
+    ("scst", "", "--config.phases=xe,scst"),
+    ("finetune,scst", "", "--config.phases=xe,finetune,scst"),
+    ("scst", "runs/x/best", None),
+    ("xe,finetune,scst", "", None),
+])
+def test_a_phase_that_continues_from_trained_weights_needs_an_xe_phase_or_init_checkpoint(phases, init_checkpoint,
+                                                                                           fix):
+    from configs import finetune, flickr8k_mobilenet_scst
+
+    config = flickr8k_mobilenet_scst.get_config()
+    config.finetune = finetune.section()
+    config.phases, config.init_checkpoint = phases, init_checkpoint
+    problems = config_problems(config, reference=demo.get_config())
+    if fix is None:
+        assert problems == []
+        return
+    first = phases.split(",")[0]
+    assert problems == [
+        f"phases = {phases!r}: the {first} phase would start from random weights (no xe phase before it and no "
+        f"init_checkpoint); put an xe phase first ({fix}), or start from a trained run's weights "
+        "(--config.init_checkpoint=runs/<run>/best, a checkpoint prefix, or a run directory)"]
+
+
+def test_checkpoint_at_takes_a_prefix_a_directory_of_checkpoints_or_a_run_directory(tmp_path):
+    import tensorflow as tf
+
+    from showtell_dist.run.run_dir import checkpoint_at
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(demo.get_config().to_dict()))
+    prefix = tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(run / "checkpoints" / "ckpt"))  # .../ckpt-1
+    assert checkpoint_at(prefix) == prefix
+    assert checkpoint_at(str(run / "checkpoints")) == prefix
+    assert checkpoint_at(str(run) + "/") == prefix  # a run without a selection: its latest
+    (tmp_path / "empty").mkdir()
+    for path in ("/nonexistent/ckpt", str(tmp_path / "empty")):
+        with pytest.raises(ConfigError) as info:
+            checkpoint_at(path)
+        assert str(info.value).startswith(f"'{path}' is neither a checkpoint prefix (no {path}.index), a run "
+                                          "directory (no config.json) nor a directory holding checkpoints")
+
+
+def _refused_before_any_work(result, *messages):
+    assert result.returncode == 2, result.stderr[-3000:]
+    for message in messages:
+        assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_launchers_refuse_an_unknown_config_field_with_exit_2(tmp_path):
+    records, run = str(tmp_path / "records"), str(tmp_path / "run")
+    # The default config: its overrides are applied when the flag is defined.
+    typo = _launch("train.py", "--config.train.bogus=1", "--config.train.stpes=5", f"--model_dir={run}",
+                   cwd=tmp_path)
+    _refused_before_any_work(typo, "error: --config.train.bogus=1: configs/demo.py has no field train.bogus "
+                             "(section train has: checkpoint_every, clip_norm,",
+                             "--config.train.stpes=5: configs/demo.py has no field train.stpes; did you mean "
+                             "train.steps?")
+    # A --config given: its overrides are applied when the flags are parsed.
+    phases = _launch("train.py", f"--config={os.path.join(REPO, 'configs', 'demo.py')}", "--config.phases=xe,scst",
+                     f"--config.data.records_dir={records}", f"--model_dir={run}", cwd=tmp_path)
+    _refused_before_any_work(phases, "error: --config.phases=xe,scst: configs/demo.py has no field phases",
+                             "phases is a field of configs/flickr8k_mobilenet_scst.py: start from that config "
+                             "(--config=configs/flickr8k_mobilenet_scst.py)")
+    cache = _launch("cache_features.py", f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
+                    "--config.init_checkpoint=runs/x", f"--config.data.records_dir={records}",
+                    f"--output_dir={tmp_path / 'features'}", cwd=tmp_path)
+    _refused_before_any_work(cache, "error: --config.init_checkpoint=runs/x: configs/demo.py has no field "
+                             "init_checkpoint", "init_checkpoint is a field of configs/flickr8k_mobilenet_scst.py")
+    assert not os.listdir(tmp_path)  # no records, run or features directory
+
+
+def _scst_recipe(tmp_path, *overrides):
+    return _launch("train.py", f"--config={os.path.join(REPO, 'configs', 'flickr8k_mobilenet_scst.py')}",
+                   f"--config.data.records_dir={tmp_path / 'records'}",
+                   f"--config.data.features_dir={tmp_path / 'features'}", *overrides,
+                   f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+
+
+def test_self_critical_training_from_random_weights_is_refused_with_exit_2(tmp_path):
+    result = _scst_recipe(tmp_path, "--config.phases=scst,xe")
+    _refused_before_any_work(result, "phases = 'scst,xe': the scst phase would start from random weights",
+                             "--config.phases=xe,scst", "--config.init_checkpoint=runs/<run>/best")
+    assert not os.listdir(tmp_path)
+
+
+def test_a_wrong_init_checkpoint_is_refused_with_exit_2_before_records_are_prepared(tmp_path):
+    result = _scst_recipe(tmp_path, "--config.phases=scst", "--config.init_checkpoint=/nonexistent/ckpt")
+    _refused_before_any_work(result, "init_checkpoint = '/nonexistent/ckpt': '/nonexistent/ckpt' is neither a "
+                             "checkpoint prefix (no /nonexistent/ckpt.index), a run directory")
+    assert "phases" not in result.stderr  # init_checkpoint is set: scst may come first
+    assert not os.listdir(tmp_path)
+
+
+def test_a_config_file_that_does_not_exist_is_refused_with_exit_2(tmp_path):
+    result = _launch("train.py", "--config=configs/demos.py", "--config.train.steps=5",
+                     f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    _refused_before_any_work(result, f"error: --config=configs/demos.py: no such config file "
+                             f"({tmp_path / 'configs' / 'demos.py'}); pass one of configs/demo.py, ",
+                             f"configs/flickr8k_mobilenet_scst.py (in {REPO}), or a file of your own")
+    assert not os.listdir(tmp_path)

@@ -163,7 +163,10 @@ def test_evaluate_split_writes_outputs(trained, tiny_dataset, split_ids, tmp_pat
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
     assert saved["metrics"] == summary["metrics"]
-    assert set(saved["metrics"]) == set(metrics.METRICS) - {"METEOR"}
+    assert set(saved["metrics"]) == set(metrics.METRICS) - {"METEOR"} | {"bad endings", "distinct captions"}
+    soundness = saved["caption_soundness"]
+    assert soundness["num_captions"] == 8 and 1 <= soundness["distinct_captions"] <= 8
+    assert saved["metrics"]["distinct captions"] == soundness["distinct_captions"] / 8
     assert saved["split"] == SPLIT and saved["beam_width"] == 2 and saved["num_images"] == 8
     assert saved["checkpoint"] == trained.checkpoint_path and saved["step"] == trained.step == 6
     assert saved["images_per_s"] > 0
@@ -174,7 +177,7 @@ def test_evaluate_split_writes_outputs(trained, tiny_dataset, split_ids, tmp_pat
     assert sorted(c["image_id"] for c in captions) == sorted(split_ids)
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert page.count("data:image/jpeg;base64,") == 6  # best 3 + worst 3 thumbnails
-    assert "CIDEr-D" in page
+    assert "CIDEr-D" in page and "Caption soundness" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external resources
 
 
@@ -240,6 +243,7 @@ def test_evaluate_launcher(trained_dir, tmp_path):
         assert os.path.exists(os.path.join(out, name)), name
         assert f"wrote {out}/{name}" in proc.stdout
     assert "CIDEr-D" in proc.stdout and "BLEU-4" in proc.stdout
+    assert "bad endings: " in proc.stdout and "distinct captions: " in proc.stdout
     assert json.load(open(os.path.join(out, "metrics.json")))["num_images"] == 8
 
 

@@ -84,7 +84,11 @@ def test_init_checkpoint_starts_from_another_runs_weights(tiny_dataset, tiny_tra
 
 
 def test_the_registry_says_each_kinds_rules():
-    assert SECTIONS == {name: kind.section for name, kind in KINDS.items()}
+    from showtell_dist import config_fields
+
+    # The TF-free validation's names (config_fields) are the registry's.
+    assert set(SECTIONS) == set(KINDS) and SECTIONS is config_fields.PHASE_SECTIONS
+    assert set(config_fields.PHASES_NEEDING_TRAINED_WEIGHTS) <= set(KINDS)
     assert [name for name, kind in KINDS.items() if kind.trains_encoder] == ["finetune"]
     assert [name for name, kind in KINDS.items() if not kind.caption_buckets] == ["scst"]
     c = _config("unused")
@@ -95,8 +99,9 @@ def test_the_registry_says_each_kinds_rules():
 def test_a_new_phase_is_one_registry_entry(tiny_dataset, tmp_path, monkeypatch):
     """A kind added to KINDS (here cross-entropy again, with its own section) is read, trained and logged."""
     records, _ = tiny_dataset
-    monkeypatch.setitem(KINDS, "xe_again", dataclasses.replace(KINDS["xe"], name="xe_again", section="again",
+    monkeypatch.setitem(KINDS, "xe_again", dataclasses.replace(KINDS["xe"], name="xe_again",
                                                                description="cross-entropy, again"))
+    monkeypatch.setitem(SECTIONS, "xe_again", "again")
     c = tiny_config(records, steps=2, steps_per_loop=1)
     c.phases = "xe,xe_again"
     c.again = c.train.copy_and_resolve_references()

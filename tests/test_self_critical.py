@@ -139,6 +139,33 @@ def test_a_replicas_uniforms_are_its_slice_of_the_global_draw_with_or_without_xl
     assert 0 <= many.min() and many.max() < 1 and abs(many.mean() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("real_positions_only", [True, False])
+def test_with_dropout_the_gradient_pass_scores_a_sample_under_the_masks_it_was_drawn_with(real_positions_only):
+    """scst.dropout: the teacher-forced log p of each sample (the loss's) equals the log p accumulated while
+    sampling it, token by token under that step's output-dropout mask; another seed's masks give another."""
+    config = tiny_config("unused")
+    config.model.dropout = 0.5
+    keras.utils.set_random_seed(0)
+    model = build_model(config.model, VOCAB)
+    section = scst.section(max_len=6, dropout=True, temperature=0.8)
+    trainer = SelfCriticalTrainer(tf.distribute.get_strategy(), model, section, overlap_reward, seed=7)
+    trainer._real_positions_only = real_positions_only  # the eager path, and the XLA/TPU path's full logits
+    state = model.initial_state(model.encode(tf.constant(global_batch()["images"])))  # (h, c) [8, units]
+    rows = state[0].shape[0]
+    seed = tf.constant([3, 4], tf.int64)
+    uniforms = global_uniforms(7, tf.constant(0), 6, tf.constant(0), rows)  # [6, rows]
+    samples, lengths, sampled_log_p = sample_captions(
+        trainer._sampling_step_fn(seed), state + (tf.zeros([rows], tf.int32),), uniforms, start_id=1, end_id=2,
+        banned=trainer._banned, temperature=0.8, with_log_probs=True)
+    assert lengths.numpy().min() >= 1 and (lengths.numpy() > 1).any()
+    teacher_forced = trainer._sample_log_probs(state, samples, seed).numpy()  # [rows]
+    np.testing.assert_allclose(teacher_forced, sampled_log_p.numpy(), rtol=1e-5, atol=1e-5)
+    other_masks = trainer._sample_log_probs(state, samples, tf.constant([3, 5], tf.int64)).numpy()
+    assert np.abs(other_masks - sampled_log_p.numpy()).max() > 1e-3  # 100x the tolerance above
+    trainer.dropout = False  # and the masks do act: without dropout the same samples score otherwise
+    assert np.abs(trainer._sample_log_probs(state, samples, seed).numpy() - sampled_log_p.numpy()).max() > 1e-3
+
+
 def test_mean_baseline_needs_two_samples():
     with pytest.raises(ConfigError, match="at least 2 samples"):
         _train(tf.distribute.get_strategy(), steps=1, samples_per_image=1)

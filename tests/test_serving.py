@@ -14,53 +14,18 @@ import zlib
 import aiohttp
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
-from showtell_dist.export import export_saved_model
-from showtell_dist.run.restore import load_trained_model
 from showtell_dist.serving import BackgroundServer, SavedModelCaptioner, ServerSettings, make_app
+from serving_testing import BEAM, direct as _direct, export_dir, make_image as _image  # noqa: F401  (a fixture)
 from tiny_setup import REPO_ROOT
 
-BEAM = 3
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)
-
-
-@pytest.fixture(scope="module")
-def export_dir(tiny_trained_dir, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("serving") / "export")
-    export_saved_model(load_trained_model(tiny_trained_dir), path, beam_width=BEAM)
-    return path
 
 
 @pytest.fixture(scope="module")
 def captioner(export_dir):
     return SavedModelCaptioner.load(export_dir)
-
-
-def _image(seed: int, fmt: str = "JPEG", size=(40, 56)) -> bytes:
-    """A deterministic picture: a gradient with a coloured block whose place and colour depend on `seed`."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    y, x = np.mgrid[0:h, 0:w]
-    pixels = np.stack([x * 4, y * 6, (x + y) * 2], -1).clip(0, 255).astype(np.uint8)  # [h, w, 3]
-    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    pixels[top:top + h // 2, left:left + w // 2] = rng.integers(0, 256, 3)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def _direct(export_dir, images):
-    """What one call of the SavedModel per image returns: [(captions, scores)]."""
-    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
-    results = []
-    for image in images:
-        out = serve(images=tf.constant([image]))
-        captions, scores = out["captions"].numpy()[0].astype(str), out["scores"].numpy()[0]
-        kept = [(c, float(s)) for c, s in zip(captions, scores) if c and np.isfinite(s)]
-        results.append(([c for c, _ in kept], [s for _, s in kept]))
-    return results
 
 
 async def _post(session, url, data, content_type=None, params=None):

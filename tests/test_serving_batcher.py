@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from showtell_dist.serving.micro_batcher import MicroBatcher, UnbatchedCaller
+from showtell_dist.serving.micro_batcher import DeadlineExceeded, MicroBatcher, QueueFull, UnbatchedCaller
 
 
 class BlockingModel:
@@ -137,6 +137,81 @@ def test_unbatched_caller_makes_one_call_per_request():
     assert stats["calls"] == 2 and not stats["batching"]
 
 
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "no_batching"])
+def test_a_full_queue_refuses_and_a_deadline_drops_queued_images(batching):
+    model = BlockingModel()
+
+    async def scenario():
+        if batching:
+            caller = MicroBatcher(model, max_batch_size=2, max_wait_ms=0, num_batch_threads=1, max_queued_images=3)
+        else:
+            caller = UnbatchedCaller(model, max_concurrent_calls=1, max_queued_images=3)
+        await caller.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(caller.submit(["a"]))  # enters the model and blocks there
+        assert await loop.run_in_executor(None, model.entered.acquire, True, 30)
+        waiting = asyncio.ensure_future(caller.submit(["b", "c"]))
+        await asyncio.sleep(0)
+        assert caller.queued_images == 2
+        with pytest.raises(QueueFull) as full:  # 2 queued + 2 > 3: refused, nothing queued
+            await caller.submit(["d", "e"])
+        assert (full.value.queued, full.value.adding, full.value.limit) == (2, 2, 3)
+        assert caller.queued_images == 2
+        # A request whose deadline passes while queued: refused, and its image leaves the queue at once.
+        with pytest.raises(DeadlineExceeded):
+            await caller.submit(["late"], deadline=loop.time() + 0.05)
+        assert caller.queued_images == 2
+        model.gate.set()
+        results = await asyncio.gather(running, waiting)
+        stats = caller.describe()
+        await caller.stop()
+        return results, stats
+
+    results, stats = _run(scenario())
+    assert results == [["result:a"], ["result:b", "result:c"]]
+    assert "late" not in [item for batch in model.batches for item in batch]  # never captioned
+    assert stats["dropped_images"] == 1 and stats["queued_images"] == 0
+
+
+def test_a_deadline_does_not_fail_a_request_whose_images_are_all_in_a_model_call():
+    model = BlockingModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=4, max_wait_ms=0, num_batch_threads=1)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        request = asyncio.ensure_future(batcher.submit(["a", "b"], deadline=loop.time() + 0.05))
+        assert await loop.run_in_executor(None, model.entered.acquire, True, 30)
+        await asyncio.sleep(0.1)  # past the deadline, but its images are being captioned
+        model.gate.set()
+        result = await request
+        await batcher.stop()
+        return result
+
+    assert _run(scenario()) == ["result:a", "result:b"]
+
+
+def test_fail_waiting_answers_queued_and_running_requests():
+    model = BlockingModel()
+
+    async def scenario():
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_ms=0, num_batch_threads=1)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(batcher.submit(["a"]))
+        assert await loop.run_in_executor(None, model.entered.acquire, True, 30)
+        queued = asyncio.ensure_future(batcher.submit(["b"]))
+        await asyncio.sleep(0)
+        assert batcher.fail_waiting(RuntimeError("shutting down")) == 2
+        outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+        model.gate.set()
+        await batcher.stop()
+        return outcomes, batcher.queued_images
+
+    outcomes, queued = _run(scenario())
+    assert [str(o) for o in outcomes] == ["shutting down", "shutting down"] and queued == 0
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(lambda items: items, max_batch_size=0)
@@ -144,3 +219,7 @@ def test_bad_settings_are_refused():
         MicroBatcher(lambda items: items, max_wait_ms=-1)
     with pytest.raises(ValueError, match="num_batch_threads"):
         MicroBatcher(lambda items: items, num_batch_threads=0)
+    with pytest.raises(ValueError, match="max_queued_images"):
+        MicroBatcher(lambda items: items, max_queued_images=0)
+    with pytest.raises(ValueError, match="max_queued_images"):
+        UnbatchedCaller(lambda items: items, max_queued_images=0)

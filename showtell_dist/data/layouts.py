@@ -57,9 +57,8 @@ from collections.abc import Iterable
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import LAYOUTS
 from showtell_dist.errors import ConfigError, DataError
-
-LAYOUTS = ("tutorial", "flickr", "coco", "karpathy")
 
 # What each layout expects in the input directory, for error messages.
 _LAYOUT_FILES = {

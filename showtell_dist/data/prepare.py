@@ -7,7 +7,8 @@ tokenizer on the training captions only, and writes into `output_dir`
   vocab.json                              the tokenizer (see tokenizer.py)
   {split}-00000-of-000NN.tfrecord ...     one Example per image (records.py)
   cider_document_frequencies.npz          CIDEr-D n-gram document frequencies of
-                                          the train references (reward/cider_d.py)
+                                          the train references, without and with
+                                          <end> (data/document_frequencies.py)
   manifest.json                           counts, shard sizes and checksums,
                                           and every skipped item with its reason
 
@@ -36,13 +37,12 @@ from showtell_dist.data import images as images_lib
 from showtell_dist.data import layouts
 from showtell_dist.data import pipeline
 from showtell_dist.data import records
+from showtell_dist.data.document_frequencies import write_document_frequencies
 from showtell_dist.data.tokenizer import DEFAULT_MAX_LEN_QUANTILE, Tokenizer
 from showtell_dist.errors import ConfigError, DataError
-from showtell_dist.reward.cider_d import KEY_BASE, DocumentFrequencies, word_ids_np
 
 MANIFEST = "manifest.json"
 VOCABULARY = "vocab.json"
-DOCUMENT_FREQUENCIES = "cider_document_frequencies.npz"
 FORMAT_VERSION = 1
 
 
@@ -212,18 +212,6 @@ def prepare_dataset(input_dir: str, output_dir: str, options: PrepareOptions | N
     # The manifest is written last: its presence means the dataset is complete.
     write_json_atomically(f"{output_dir.rstrip('/')}/{MANIFEST}", manifest)
     return manifest
-
-
-def write_document_frequencies(output_dir: str, train_refs: list[list[list[int]]], vocab_size: int) -> dict:
-    """Writes the CIDEr-D document frequencies of the train references (token ids per caption, per image);
-    returns the manifest entry, which says why when there is no file."""
-    if vocab_size > KEY_BASE or not train_refs:
-        reason = (f"vocabulary of {vocab_size} ids exceeds CIDEr-D's {KEY_BASE}" if train_refs
-                  else "no train images")
-        return {"file": None, "reason": reason}
-    df = DocumentFrequencies.from_references([[word_ids_np(c) for c in caps] for caps in train_refs])
-    df.save(f"{output_dir.rstrip('/')}/{DOCUMENT_FREQUENCIES}")
-    return {"file": DOCUMENT_FREQUENCIES, "split": "train", "images": df.num_docs, "ngrams": len(df)}
 
 
 def write_json_atomically(path: str, obj) -> None:

@@ -56,6 +56,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.errors import ConfigError
 
 PAD_ID = 0
@@ -289,12 +290,6 @@ def _check_bad_endings(bad_ending_ids: Sequence[int], end_id: int, vocab_size=No
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, got {value!r}.")
-    return value
-
-
-def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer.")
     return value
 
 

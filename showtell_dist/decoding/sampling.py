@@ -33,6 +33,7 @@ class _SampleLoopState(NamedTuple):
     lengths: tf.Tensor  # [rows] int32
     done: tf.Tensor  # [rows] bool
     last: tf.Tensor  # [rows] int32; the token fed at the next step
+    log_p: tf.Tensor  # [rows] float32; the summed log-probabilities of the tokens written
     state: Any  # nest of [rows, ...]
 
 
@@ -90,7 +91,7 @@ def _draw(log_probs: tf.Tensor, uniforms: tf.Tensor) -> tf.Tensor:
 
 
 def sample_captions(step_fn: Callable, initial_state: Any, uniforms: tf.Tensor, *, start_id: int, end_id: int,
-                    banned: tf.Tensor, temperature: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+                    banned: tf.Tensor, temperature: float = 1.0, with_log_probs: bool = False) -> tuple:
     """Samples one caption per row of initial_state.
 
     Args:
@@ -101,6 +102,8 @@ def sample_captions(step_fn: Callable, initial_state: Any, uniforms: tf.Tensor, 
     Returns:
       tokens: [rows, max_len] int32, the end token included where drawn, then 0-padding.
       lengths: [rows] int32, tokens drawn incl. the end token.
+      log_probs (with_log_probs): [rows] float32, the summed log-probability (under `sampling_log_probs`)
+        of each row's tokens as they were drawn, <end> included.
     """
     max_len = uniforms.shape[0]
     rows = uniforms.shape[1]
@@ -113,16 +116,22 @@ def sample_captions(step_fn: Callable, initial_state: Any, uniforms: tf.Tensor, 
         logits, new_state = step_fn(s.last, s.state)  # [rows, vocab]
         new_state = tf.nest.pack_sequence_as(s.state, tf.nest.flatten(new_state))
         new_state = tf.nest.map_structure(lambda new, old: tf.ensure_shape(new, old.shape), new_state, s.state)
-        token = _draw(sampling_log_probs(logits, banned, temperature), tf.gather(uniforms, s.t))  # [rows]
+        log_probs = sampling_log_probs(logits, banned, temperature)  # [rows, vocab]
+        token = _draw(log_probs, tf.gather(uniforms, s.t))  # [rows]
         live = tf.logical_not(s.done)
+        token_log_p = tf.cast(tf.gather(log_probs, token, batch_dims=1), tf.float32)  # [rows]
+        log_p = s.log_p + tf.where(live, token_log_p, 0.0)
         written = tf.where(live, token, PAD_ID)
         tokens = s.tokens + written[:, None] * tf.one_hot(s.t, max_len, dtype=tf.int32)[None, :]  # [rows, time]
         lengths = tf.where(live, s.t + 1, s.lengths)
         done = tf.logical_or(s.done, tf.equal(token, end_id))
-        return (_SampleLoopState(s.t + 1, tokens, lengths, done, token, new_state),)
+        return (_SampleLoopState(s.t + 1, tokens, lengths, done, token, log_p, new_state),)
 
     init = _SampleLoopState(t=tf.constant(0, tf.int32), tokens=tf.zeros([rows, max_len], tf.int32),
                             lengths=tf.zeros([rows], tf.int32), done=tf.zeros([rows], tf.bool),
-                            last=tf.fill([rows], tf.constant(start_id, tf.int32)), state=initial_state)
+                            last=tf.fill([rows], tf.constant(start_id, tf.int32)),
+                            log_p=tf.zeros([rows], tf.float32), state=initial_state)
     (final,) = tf.while_loop(cond, body, (init,))
+    if with_log_probs:
+        return final.tokens, final.lengths, final.log_p
     return final.tokens, final.lengths

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import MIXED_PRECISION_CHOICES as REQUESTS
 from showtell_dist.errors import ConfigError
 
 DEVICE_KINDS = ("cpu", "gpu", "tpu")
-REQUESTS = ("", "float32", "auto", "mixed_bfloat16", "mixed_float16")
 FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -20,9 +20,9 @@ import threading
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import STRATEGIES
 from showtell_dist.errors import ConfigError
 
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 TPU_TIMEOUT_S = 20.0
 
 

@@ -45,6 +45,7 @@ import keras
 import tensorflow as tf
 from tqdm import tqdm
 
+from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
@@ -65,14 +66,6 @@ DEFAULT_PER_REPLICA_BATCH = 32
 # ----------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
 def _check_model_in_scope(trained: TrainedModel, strategy: tf.distribute.Strategy) -> None:
@@ -410,8 +403,11 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     "length_normalization", "alpha", "remove_bad_endings", "block_trigrams", "checkpoint", "step" (lists for
     an ensemble), "images_per_s" (after the first batch,
     which also compiles), "decode_seconds", "first_batch_seconds", "strategy", "replicas",
-    "records_dir", "files": {name: path}}.
+    "records_dir", "files": {name: path}}. The metrics end with the fractions of captions that end on a
+    function word and that are distinct ("bad endings", "distinct captions"); "caption_soundness" holds
+    their counts (caption_soundness.py).
     """
+    from showtell_dist.evaluation import caption_soundness
     from showtell_dist.evaluation import metrics as coco_metrics
     from showtell_dist.evaluation import report
 
@@ -430,11 +426,13 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     references = {i: e["references"] for i, e in refs.items()}
     corpus, per_image = coco_metrics.score_captions({r["image_id"]: r["caption"] for r in results}, references,
                                                     use_meteor=use_meteor)
+    soundness = caption_soundness.caption_soundness(r["caption"] for r in results)
     output_dir = output_dir.rstrip("/")
     tf.io.gfile.makedirs(output_dir)
     files = {name: f"{output_dir}/{name}" for name in (METRICS_FILE, CAPTIONS_FILE, REPORT_FILE)}
     summary = {
-        "metrics": corpus,
+        "metrics": {**corpus, **caption_soundness.as_metrics(soundness)},  # bad endings, distinct captions
+        "caption_soundness": soundness,
         "split": split,
         "num_images": len(results),
         "beam_width": beam_width,

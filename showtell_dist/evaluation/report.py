@@ -6,6 +6,8 @@ Sections, each shown when its data is given:
     history of model_dir/best/selection.json, passed in by the caller): the
     selection metric, then every other val metric, against the step, the
     selected step marked;
+  - caption soundness (summary["caption_soundness"], evaluation/caption_soundness.py):
+    how many captions end on a function word, and how many are distinct;
   - caption statistics (`caption_statistics`): the distribution of caption
     lengths of the model's captions against the references', and vocabulary
     use (distinct words written, out of the vocabulary);
@@ -385,6 +387,21 @@ def _statistics_section(stats: Mapping) -> list[str]:
             f'<p class="words">most frequent reference words the model never writes: {unused or "none"}</p>']
 
 
+def _soundness_section(soundness: Mapping) -> list[str]:
+    e = html.escape
+    n = soundness["num_captions"]
+    words = ", ".join(soundness.get("function_words", []))
+    repeated = soundness.get("most_repeated")
+    lines = [f"<b>{soundness['bad_ending_captions']:,}</b> of {n:,} captions "
+             f"({100 * soundness['bad_endings']:.1f}%) end on a function word"
+             + (f' <span class="words">({e(words)})</span>' if words else ""),
+             f"<b>{soundness['distinct_captions']:,}</b> of {n:,} captions "
+             f"({100 * soundness['distinct_fraction']:.1f}%) are distinct"
+             + (f"; the most repeated, &ldquo;{e(repeated[0])}&rdquo;, is written for {repeated[1]:,} images"
+                if repeated else "")]
+    return ["<h2>Caption soundness</h2>", "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"]
+
+
 def render_report(summary: Mapping, best: Sequence[dict], worst: Sequence[dict],
                   jpegs: Mapping[str, bytes] | None = None, *, title: str = "Caption evaluation",
                   selection: Mapping | None = None, statistics: Mapping | None = None) -> str:
@@ -392,7 +409,8 @@ def render_report(summary: Mapping, best: Sequence[dict], worst: Sequence[dict],
 
     Args:
       summary: the metrics.json content; "metrics" maps names to scores, the
-        other keys (split, checkpoint, step, beam_width, ...) are shown above.
+        other keys (split, checkpoint, step, beam_width, ...) are shown above;
+        "caption_soundness", when there, gets its own section.
       best, worst: entries {"image_id", "caption", "score", "top_k",
         "references", "scores": {metric: value}} (see `best_and_worst`).
       jpegs: image_id -> JPEG bytes for the thumbnails (missing: no picture).
@@ -425,6 +443,8 @@ def render_report(summary: Mapping, best: Sequence[dict], worst: Sequence[dict],
         '<p class="meta">coco-caption (pycocoevalcap) with the PTB tokenizer; BLEU is corpus-level, '
         "CIDEr-D uses the document frequencies of the evaluated images.</p>",
     ]
+    if summary.get("caption_soundness"):
+        parts += _soundness_section(summary["caption_soundness"])
     if selection:
         parts += _selection_section(selection, summary.get("step"))
     if statistics:

@@ -36,6 +36,7 @@ import tempfile
 
 import tensorflow as tf
 
+from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import bad_ending_ids_of, beam_search, check_decode_options
 from showtell_dist.decoding.ensemble import ensemble_step
@@ -113,12 +114,6 @@ class CaptionModule(tf.Module):
                            start_id=START_ID, end_id=END_ID, vocab_size=self.vocab_size,
                            forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization,
                            alpha=self.alpha, bad_ending_ids=self.bad_ending_ids, block_trigrams=self.block_trigrams)
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer.")
-    return value
 
 
 def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = None,

@@ -17,7 +17,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from showtell_dist.data import feature_cache, pipeline, records
-from showtell_dist.data.prepare import (DOCUMENT_FREQUENCIES, MANIFEST, VOCABULARY, load_manifest,
+from showtell_dist.data.document_frequencies import DOCUMENT_FREQUENCIES
+from showtell_dist.data.prepare import (MANIFEST, VOCABULARY, load_manifest,
                                         write_json_atomically, write_records_atomically)
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError

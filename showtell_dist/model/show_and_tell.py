@@ -17,11 +17,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from showtell_dist.config_fields import FEATURE_NORMS
 from showtell_dist.errors import ConfigError
 from showtell_dist.model.encoders import build_encoder
 
-
-FEATURE_NORMS = ("batch", "layer", "none")
 
 
 def dropout_seed(base_seed: int, step, replica_id) -> tf.Tensor:
@@ -33,6 +32,13 @@ def dropout_seed(base_seed: int, step, replica_id) -> tf.Tensor:
     seed = tf.random.experimental.stateless_fold_in(tf.constant([base_seed, 0], tf.int64),
                                                     tf.cast(step, tf.int64))
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+
+
+def step_dropout_seed(seed, t) -> tf.Tensor:
+    """[2] int64: the seed of the output-dropout mask at decoding step (time) t under `seed`: what a
+    sampler's step t passes to `decode_step`, and what `decode_sequence(..., per_step_dropout=True)` uses
+    at time t, so a teacher-forced pass over a sample sees the masks it was sampled under."""
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), tf.cast(t, tf.int64))
 
 
 class StatelessDropout(keras.layers.Layer):
@@ -121,15 +127,25 @@ class ShowAndTell(keras.Model):
         return h, tf.zeros_like(h)
 
     def decode_sequence(self, state, tokens: tf.Tensor, training: bool = False, positions=None,
-                        dropout_seed=None) -> tf.Tensor:
+                        dropout_seed=None, per_step_dropout: bool = False) -> tf.Tensor:
         """Teacher forcing: tokens [rows, time] -> logits [rows, time, vocab] float32.
 
         With positions ([n, 2] (row, time) indices) the logits are computed only
         there -> [n, vocab]: the output projection dominates a step at a large
         vocabulary, and most positions of a padded batch are padding.
+
+        per_step_dropout (training, static time): the output-dropout mask at time t is the one
+        `decode_step` draws with `step_dropout_seed(dropout_seed, t)` ([rows, units] per step), rather
+        than one [rows, time, units] draw.
         """
         x = self.embedding(tokens)
         x = self.lstm(x, initial_state=list(state), training=training)  # [rows, time, units]
+        if training and per_step_dropout:
+            if x.shape[1] is None:
+                raise ValueError("decode_sequence(per_step_dropout=True) needs tokens of a static length.")
+            x = tf.stack([self.out_dropout(x[:, t], training=True, seed=step_dropout_seed(dropout_seed, t))
+                          for t in range(x.shape[1])], axis=1)  # [rows, time, units], masks as decode_step's
+            training = False  # applied
         if positions is not None:
             x = tf.gather_nd(x, positions)  # [n, units]
         return self.logits(self.out_dropout(x, training=training, seed=dropout_seed))

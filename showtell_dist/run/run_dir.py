@@ -21,6 +21,7 @@ import json
 import ml_collections
 import tensorflow as tf
 
+from showtell_dist.config_fields import SELECTABLE_METRICS
 from showtell_dist.config_validation import validate_config
 from showtell_dist.errors import ConfigError
 
@@ -29,8 +30,6 @@ VOCAB_FILE = "vocab.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 SELECTION_FILE = "selection.json"
-# METEOR is not offered: selection scores leave it out (its JVM costs ~10 s a call).
-SELECTABLE_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 
 
 def join(model_dir: str, *names: str) -> str:
@@ -126,3 +125,20 @@ def resolve_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
     if not tf.io.gfile.glob(path + ".index"):
         raise ConfigError(f"checkpoint {path} does not exist (no {path}.index).")
     return path
+
+
+def checkpoint_at(path: str) -> str:
+    """The checkpoint prefix `path` names, found without knowing its run: a checkpoint prefix (with its
+    .index), a run directory (its selected checkpoint, else its latest: `resolve_checkpoint`) or a
+    directory holding checkpoints (its latest, e.g. runs/x/best). E.g. config.init_checkpoint."""
+    path = path.rstrip("/")
+    if tf.io.gfile.exists(path + ".index"):
+        return path
+    if tf.io.gfile.exists(join(path, CONFIG_FILE)):
+        return resolve_checkpoint(path)
+    found = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else None
+    if found:
+        return found
+    raise ConfigError(f"{path!r} is neither a checkpoint prefix (no {path}.index), a run directory (no "
+                      f"{CONFIG_FILE}) nor a directory holding checkpoints; pass e.g. runs/x/best, runs/x or "
+                      "runs/x/checkpoints/ckpt-3500.")

@@ -3,12 +3,15 @@
 Every way a request can be unusable raises `RequestRejected` with an HTTP
 status, a short code and a message naming the problem and the fix. The body
 is read in chunks and counted, so a request over the size limit is refused
-after at most `max_bytes` bytes, whatever its Content-Length claims.
+after at most `max_bytes` bytes, whatever its Content-Length claims. `hold`
+is told the bytes the body takes before they are read (Content-Length) or as
+they arrive (no Content-Length), and may refuse them by raising.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.helpers import parse_mimetype
@@ -44,14 +47,16 @@ def _empty_body() -> RequestRejected:
 class _Budget:
     """Bytes left for the whole request body."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, hold: Callable[[int], None]):
         self.max_bytes = max_bytes
         self.used = 0
+        self._hold = hold
 
     def take(self, n: int) -> None:
         self.used += n
         if self.used > self.max_bytes:
             raise _too_large(self.max_bytes)
+        self._hold(self.used)
 
 
 async def _read_stream(read_chunk, budget: _Budget) -> bytes:
@@ -64,13 +69,20 @@ async def _read_stream(read_chunk, budget: _Budget) -> bytes:
         chunks.append(chunk)
 
 
-async def read_request_images(request: web.Request, *, max_bytes: int, max_images: int) -> list[UploadedImage]:
-    """The request's images, in order; raises RequestRejected."""
+def _hold_nothing(total_bytes: int) -> None:
+    pass
+
+
+async def read_request_images(request: web.Request, *, max_bytes: int, max_images: int,
+                              hold: Callable[[int], None] = _hold_nothing) -> list[UploadedImage]:
+    """The request's images, in order; raises RequestRejected (or what `hold(total_bytes)` raises)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     if not request.body_exists:
         raise _empty_body()
-    budget = _Budget(max_bytes)
+    if request.content_length is not None:
+        hold(request.content_length)  # before a byte is read
+    budget = _Budget(max_bytes, hold)
     content_type = request.content_type  # without parameters; "application/octet-stream" when absent
     if content_type == "multipart/form-data":
         images = await _read_multipart(request, budget, max_images)

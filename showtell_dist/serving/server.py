@@ -9,6 +9,8 @@ from typing import Callable
 
 from aiohttp import web
 
+from showtell_dist.serving.app import DRAIN
+
 
 async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, access_log=None)
@@ -20,18 +22,32 @@ async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.A
     return runner, f"http://{shown_host}:{bound_port}"
 
 
-def serve_forever(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] = print) -> None:
-    """Serves until SIGINT or SIGTERM; `on_ready(url)` once the port accepts (port 0: a free one)."""
+def serve_forever(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] = print,
+                  on_draining: Callable[[], None] = lambda: None) -> None:
+    """Serves until SIGINT or SIGTERM; `on_ready(url)` once the port accepts (port 0: a free one).
+
+    The first signal drains (the app's DRAIN: new work and /health answered 503 while the requests in
+    flight finish, up to its bound; `on_draining()` is called as it starts), then the server closes and
+    this returns. A second signal closes at once.
+    """
 
     async def main():
         runner, url = await _start_site(app, host, port)
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled.set)
         on_ready(url)
         try:
-            await stop.wait()
+            await signalled.wait()
+            if DRAIN in app:
+                signalled.clear()
+                on_draining()
+                drain = loop.create_task(app[DRAIN]())
+                again = loop.create_task(signalled.wait())
+                await asyncio.wait([drain, again], return_when=asyncio.FIRST_COMPLETED)
+                again.cancel()
+                drain.cancel()
         finally:
             await runner.cleanup()
 
@@ -53,6 +69,10 @@ class BackgroundServer:
         future = asyncio.run_coroutine_threadsafe(_start_site(self._app, self._host, self._port), self._loop)
         self._runner, self.url = future.result(timeout=60)
         return self
+
+    def drain(self, timeout_s: float = 120) -> None:
+        """What SIGTERM does to serve_forever: new work refused, requests in flight finished (blocks until done)."""
+        asyncio.run_coroutine_threadsafe(self._app[DRAIN](), self._loop).result(timeout=timeout_s)
 
     def __exit__(self, *exc) -> None:
         if self._runner is not None:

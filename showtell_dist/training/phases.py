@@ -12,10 +12,10 @@ trains the encoder and whether teacher forcing runs over caption buckets:
                                 (self_critical.SelfCriticalTrainer; configs/scst.py)
 
 Adding a phase is one module (its Trainer subclass, with its config section in
-configs/) plus one entry in `KINDS`; nothing else names a phase. (The
-TensorFlow-free config_validation.py, which sits below training/ in the import
-layers, mirrors the names and sections in its PHASE_SECTIONS, and
-tests/test_config_validation.py fails until the mirror agrees.)
+configs/) plus one entry in `KINDS`, whose name and config section also go in
+config_fields.PHASE_SECTIONS: config validation runs before TensorFlow is
+imported, below training/ in the import layers, so it reads the names there
+(tests/test_phases.py fails until both agree). Nothing else names a phase.
 
 Each phase's `steps` are its own; the global step counts on across phases, so
 with train.steps = 3500 and scst.steps = 1000 the scst phase runs global steps
@@ -38,11 +38,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from showtell_dist.config_fields import PHASE_SECTIONS as SECTIONS  # phase name -> its config section
 from showtell_dist.data import feature_cache, pipeline
+from showtell_dist.data.prepare import load_manifest
 from showtell_dist.errors import ConfigError
-from showtell_dist.reward.cider_d import check_vocabulary_fits
-from showtell_dist.reward.document_frequencies import load_or_compute_document_frequencies
-from showtell_dist.training.self_critical import SelfCriticalTrainer, cider_d_reward
+from showtell_dist.training.self_critical import build_self_critical_trainer
 from showtell_dist.training.trainer import FineTuneTrainer, Trainer
 
 
@@ -62,12 +62,16 @@ class TrainerSetup:
 @dataclasses.dataclass(frozen=True)
 class PhaseKind:
     name: str  # as written in config.phases
-    section: str  # its config section
     description: str
     build_trainer: Callable[[TrainerSetup], Trainer]
     trains_encoder: bool = False  # cached features are stale from its start on
     caption_buckets: bool = True  # teacher forcing over each batch's caption bucket, else the static max_len
     details: Callable[[object], str] = lambda section: ""  # what the phase's log line adds, from its section
+
+    @property
+    def section(self) -> str:
+        """Its config section: config_fields.PHASE_SECTIONS[name], where the TF-free validation reads it."""
+        return SECTIONS[self.name]
 
 
 def _cross_entropy(setup: TrainerSetup) -> Trainer:
@@ -79,29 +83,25 @@ def _fine_tune(setup: TrainerSetup) -> Trainer:
 
 
 def _self_critical(setup: TrainerSetup) -> Trainer:
-    check_vocabulary_fits(setup.model.logits.units)
     # The train split's references: the reward of the dataset the run trains from (records or features).
-    df = load_or_compute_document_frequencies(feature_cache.data_dir_of(setup.config), log=setup.log)
-    return SelfCriticalTrainer(setup.strategy, setup.model, setup.section,
-                               cider_d_reward(df, setup.manifest["max_len"]), **setup.options)
+    reward_dir = feature_cache.data_dir_of(setup.config)
+    return build_self_critical_trainer(setup.strategy, setup.model, setup.section, reward_dir,
+                                       load_manifest(reward_dir), setup.log, **setup.options)
 
 
 KINDS: dict[str, PhaseKind] = {kind.name: kind for kind in (
-    PhaseKind("xe", "train", "cross-entropy (teacher forcing)", _cross_entropy),
-    PhaseKind("finetune", "finetune", "cross-entropy with the encoder fine-tuned, from images", _fine_tune,
+    PhaseKind("xe", "cross-entropy (teacher forcing)", _cross_entropy),
+    PhaseKind("finetune", "cross-entropy with the encoder fine-tuned, from images", _fine_tune,
               trains_encoder=True,
               details=lambda s: (f"; the encoder trains too, at learning rate {s.encoder_learning_rate:g} "
                                  "(BatchNorm statistics frozen), from the image records")),
-    PhaseKind("scst", "scst", "self-critical sequence training, reward CIDEr-D", _self_critical,
+    PhaseKind("scst", "self-critical sequence training, reward CIDEr-D", _self_critical,
               caption_buckets=False,  # the reward takes the references at the static max_len
               details=lambda s: (f"; {s.samples_per_image} samples per image up to {s.max_len} tokens, baseline "
                                  f"{s.baseline}, temperature {s.temperature:g}, dropout "
                                  f"{'on' if s.dropout else 'off'}, xe_weight {s.xe_weight:g}")),
 )}
 DEFAULT = next(iter(KINDS))  # the phase of a config without `phases`
-
-# phase name -> its config section
-SECTIONS = {name: kind.section for name, kind in KINDS.items()}
 
 
 @dataclasses.dataclass(frozen=True)

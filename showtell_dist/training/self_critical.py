@@ -12,13 +12,17 @@ step. For a per-replica batch of B images with C reference captions each:
      one device draws for the same global batch and a resumed run draws
      what an uninterrupted one does;
   3. reward each sample in the graph (`reward_fn`: CIDEr-D against its image's
-     references, with the train split's document frequencies) -> [B * K];
+     references, with the train split's document frequencies; with
+     scst.reward_end_token, <end> counts as a word of samples and references)
+     -> [B * K];
   4. baseline: the mean reward of the image's other K - 1 samples ("mean"),
      or the reward of its greedy caption ("greedy");
   5. loss = -sum((reward - baseline) * log p(sample)) / (global number of
      samples), log p summed over the sample's real tokens incl. <end>, from a
      teacher-forced pass over the samples; plus xe_weight x the cross-entropy
      of the references (normalised by the global real tokens), when > 0.
+     With scst.dropout the pass uses the output-dropout masks each token was
+     sampled under (model.step_dropout_seed), so log p is the sampling policy's.
 
 Everything is TensorFlow ops with static shapes, no py_function: it runs
 under every strategy and with jit_compile on the default strategy.
@@ -34,9 +38,9 @@ from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import greedy_decode
 from showtell_dist.decoding.sampling import banned_mask, global_uniforms, sample_captions, sampling_log_probs
 from showtell_dist.errors import ConfigError
+from showtell_dist.config_fields import SCST_BASELINES as BASELINES
+from showtell_dist.model.show_and_tell import step_dropout_seed
 from showtell_dist.training.trainer import SUM, Trainer, _count_tokens, _flatten_captions
-
-BASELINES = ("mean", "greedy")
 
 # reward_fn(samples [rows, T] generated ids (no <start>, <end> included, 0-padded),
 #           captions [rows, C, L] the reference token rows as in the batch (<start> ... <end>, 0-padded))
@@ -45,24 +49,40 @@ RewardFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def cider_d_reward(document_frequencies, caption_len: int) -> RewardFn:
-    """CIDEr-D of each sample against its references (reward/cider_d.py), on word ids.
+    """CIDEr-D of each sample against its references (reward/cider_d.py), on word ids; <end> is a word of
+    both when the document frequencies were counted with it (`document_frequencies.end_token`).
 
     caption_len: the dataset's padded caption length (manifest max_len); batches may hold
     shorter ones (caption buckets) and are padded to it, since the reward needs static shapes.
     """
     from showtell_dist.reward.cider_d import cider_d, word_ids
 
+    keep_end = bool(document_frequencies.end_token)
+
     def reward(samples: tf.Tensor, captions: tf.Tensor) -> tf.Tensor:
         rows, refs = captions.shape[0], captions.shape[1]
         time = max(samples.shape[1], caption_len)
         candidates = word_ids(tf.pad(samples, [[0, 0], [0, time - samples.shape[1]]]),
-                              start_id=START_ID, end_id=END_ID)  # [rows, time]
+                              start_id=START_ID, end_id=END_ID, keep_end=keep_end)  # [rows, time]
         flat = tf.reshape(captions, [rows * refs, -1])[:, :time]  # [rows * refs, <= time]
         flat = tf.ensure_shape(tf.pad(flat, [[0, 0], [0, time - tf.shape(flat)[1]]]), [rows * refs, time])
-        references = tf.reshape(word_ids(flat, start_id=START_ID, end_id=END_ID), [rows, refs, time])
+        references = tf.reshape(word_ids(flat, start_id=START_ID, end_id=END_ID, keep_end=keep_end),
+                                [rows, refs, time])
         return tf.cast(cider_d(candidates, references, document_frequencies), tf.float32)
 
     return reward
+
+
+def build_self_critical_trainer(strategy: tf.distribute.Strategy, model, section, data_dir: str, manifest: dict,
+                                log=print, **trainer_kwargs) -> "SelfCriticalTrainer":
+    """The self-critical phase's trainer, rewarded by CIDEr-D with the document frequencies of `data_dir`'s
+    train split (whose manifest is `manifest`), counted with <end> when section.reward_end_token."""
+    from showtell_dist.data.document_frequencies import check_vocabulary_fits, load_or_compute_document_frequencies
+
+    check_vocabulary_fits(model.logits.units)
+    end_token = bool(section.get("reward_end_token", False))
+    df = load_or_compute_document_frequencies(data_dir, manifest, end_token=end_token, log=log)
+    return SelfCriticalTrainer(strategy, model, section, cider_d_reward(df, manifest["max_len"]), **trainer_kwargs)
 
 
 def check_scst_config(section) -> None:
@@ -101,30 +121,34 @@ class SelfCriticalTrainer(Trainer):
 
     def _sampling_step_fn(self, dropout_seed):
         """The sampler's step: the model's decode_step, with output dropout when self.dropout (the
-        state then carries a step counter [rows] to fold into the seed)."""
+        state then carries a step counter [rows]; step t's mask is keyed by step_dropout_seed(dropout_seed, t),
+        as `_sample_log_probs` keys it)."""
         if not self.dropout:
             return self.model.decode_step
 
         def step_fn(tokens, state):
             h, c, t = state
-            seed = tf.random.experimental.stateless_fold_in(dropout_seed, tf.cast(t[0], tf.int64))
+            seed = step_dropout_seed(dropout_seed, t[0])
             logits, (h, c) = self.model.decode_step(tokens, (h, c), dropout_seed=seed)
             return logits, (h, c, t + 1)
 
         return step_fn
 
     def _sample_log_probs(self, state, samples: tf.Tensor, dropout_seed) -> tf.Tensor:
-        """Teacher-forced log p of each sample under the sampling distribution: [rows, T] -> [rows]."""
+        """Teacher-forced log p of each sample under the sampling distribution: [rows, T] -> [rows].
+        dropout_seed: the seed the samples were drawn under (`_sampling_step_fn`); with self.dropout each
+        time step's output-dropout mask is the one its token was sampled with."""
         rows = samples.shape[0]
         inputs = tf.concat([tf.fill([rows, 1], START_ID), samples[:, :-1]], axis=1)  # [rows, T]
         if self._real_positions_only:
             positions = tf.where(tf.not_equal(samples, 0))  # [real tokens, 2]
             logits = self.model.decode_sequence(state, inputs, self.dropout, positions=positions,
-                                                dropout_seed=dropout_seed)  # [n, vocab]
+                                                dropout_seed=dropout_seed, per_step_dropout=True)  # [n, vocab]
             log_probs = sampling_log_probs(logits, self._banned, self.temperature)
             token_log_probs = tf.gather(log_probs, tf.gather_nd(samples, positions), batch_dims=1)  # [n]
             return tf.math.unsorted_segment_sum(token_log_probs, positions[:, 0], rows)
-        logits = self.model.decode_sequence(state, inputs, self.dropout, dropout_seed=dropout_seed)  # [rows, T, V]
+        logits = self.model.decode_sequence(state, inputs, self.dropout, dropout_seed=dropout_seed,
+                                            per_step_dropout=True)  # [rows, T, V]
         log_probs = sampling_log_probs(logits, self._banned, self.temperature)
         token_log_probs = tf.gather(log_probs, samples, batch_dims=2)  # [rows, T]
         return tf.reduce_sum(token_log_probs * tf.cast(tf.not_equal(samples, 0), token_log_probs.dtype), axis=1)
@@ -166,7 +190,7 @@ class SelfCriticalTrainer(Trainer):
         with tf.GradientTape() as tape:
             features = self.model.batch_features(batch)
             state = self.model.initial_state(features)
-            log_p = self._sample_log_probs(repeat(state, k), samples, dropout_seed)  # [rows]
+            log_p = self._sample_log_probs(repeat(state, k), samples, sampling_seed)  # [rows]; the sampling masks
             loss_sum = -tf.reduce_sum(tf.cast(advantage, log_p.dtype) * log_p)
             loss = loss_sum / float(global_rows)
             xe_sum, tokens = tf.constant(0.0), tf.constant(0.0)

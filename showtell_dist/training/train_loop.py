@@ -44,7 +44,7 @@ from showtell_dist.model.show_and_tell import ShowAndTell, build_model
 from showtell_dist.storage.gcs import validate_dataset
 from showtell_dist.training import actions
 from showtell_dist.training.caption_summaries import CaptionSummaries
-from showtell_dist.run.run_dir import CONFIG_FILE, resolve_checkpoint
+from showtell_dist.run.run_dir import checkpoint_at
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
 from showtell_dist.training.model_dir import prepare_model_dir
 from showtell_dist.training.phases import (Phase, TrainerSetup, data_dir_for, phase_at, phases_of,
@@ -215,16 +215,10 @@ def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
 
 def _resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix, a directory of checkpoints (e.g. runs/x/best) or a model_dir."""
-    path = path.rstrip("/")
-    if tf.io.gfile.exists(path + ".index"):
-        return path
-    if tf.io.gfile.exists(f"{path}/{CONFIG_FILE}"):  # a run directory: its selected checkpoint, else its latest
-        return resolve_checkpoint(path)
-    found = tf.train.latest_checkpoint(path) if tf.io.gfile.isdir(path) else None
-    if found:
-        return found
-    raise ConfigError(f"init_checkpoint {path!r} is neither a checkpoint prefix (no {path}.index) nor a directory "
-                      "holding checkpoints; pass e.g. runs/x/best or runs/x/checkpoints/ckpt-3500.")
+    try:
+        return checkpoint_at(path)
+    except ConfigError as exc:
+        raise ConfigError(f"init_checkpoint: {exc}") from exc
 
 
 def load_init_checkpoint(exp: Experiment, path: str, log=print) -> None:
