@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 100
     c.train.final_lr_ratio = 0.05
+    c.train.schedule_steps = 0       # the cosine schedule's length; 0: steps (longer: stop part-way down it)
+    c.train.decay_fraction = 1.0     # the decay spans this last fraction of the schedule after warm-up
     c.train.clip_norm = 5.0
     c.train.seed = 0
     c.train.checkpoint_every = 500

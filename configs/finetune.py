@@ -20,6 +20,8 @@ def section(**overrides) -> ml_collections.ConfigDict:
     s.encoder_learning_rate = 1e-5  # the encoder's variables; 0 keeps the encoder fixed
     s.warmup_steps = 0
     s.final_lr_ratio = 0.1
+    s.schedule_steps = 0            # the schedule's length; 0: steps
+    s.decay_fraction = 1.0          # the decay spans this last fraction of the schedule after warm-up
     s.clip_norm = 5.0
     for key, value in overrides.items():
         setattr(s, key, value)

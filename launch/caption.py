@@ -34,10 +34,9 @@ def main(argv):
             raise ConfigError("no images given: pass image paths or globs as arguments or with --images.")
         from showtell_dist.evaluation.captioner import caption_files
 
-        trained = cli.load_models()
-        options = cli.decode_options((trained if not isinstance(trained, list) else trained[0]).config)
-        results, errors = caption_files(trained, paths, options.pop("beam_width"), _TOP_K.value,
-                                        batch_size=_BATCH.value, **options)
+        members = cli.load_models()
+        results, errors = caption_files(members, paths, cli.decode_options(members[0].config), _TOP_K.value,
+                                        batch_size=_BATCH.value)
     for r in results:
         if _TOP_K.value == 1:
             print(f"{r['path']}\t{r['caption']}")

@@ -24,6 +24,8 @@ def define_strategy_flags():
 
 def define_decode_flags(beam_help: str = "Beam width (1 = greedy).") -> None:
     """--beam_width, --length_normalization, --alpha; unset, they take the run's eval.* settings."""
+    from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
+
     flags.DEFINE_integer("beam_width", None, f"{beam_help} Default: the run's eval.beam_width, else 3.")
     flags.DEFINE_enum("length_normalization", None, list(LENGTH_NORMALIZATIONS),
                       "How beam hypotheses are ranked: summed log-prob, per token, or GNMT penalty. "
@@ -47,24 +49,20 @@ def define_model_flags() -> None:
                       "else latest.")
 
 
-def load_models(strategy=None):
-    """The TrainedModel of --model_dir/--checkpoint, or the list of an ensemble's members."""
+def load_models(strategy=None) -> list:
+    """The TrainedModels of --model_dir/--checkpoint: a list of one, or an ensemble's members."""
     from showtell_dist.run.restore import ensemble_members, load_ensemble
 
-    members = load_ensemble(ensemble_members(flags.FLAGS.model_dir, flags.FLAGS.checkpoint or ()), strategy)
-    return members[0] if len(members) == 1 else members
+    return load_ensemble(ensemble_members(flags.FLAGS.model_dir, flags.FLAGS.checkpoint or ()), strategy)
 
 
-def decode_options(run_config) -> dict:
-    """beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams: the flags where given,
-    else the run's config."""
-    from showtell_dist.run.run_dir import eval_options
+def decode_options(run_config, **extra):
+    """The DecodeOptions of the run's config (its eval section), overridden by the decode flags given
+    (define_decode_flags) and by `extra` (e.g. max_new_tokens); validated."""
+    from showtell_dist.decoding.options import CONFIG_KEYS, DecodeOptions
 
-    options = eval_options(run_config)
-    for name in options:
-        if flags.FLAGS[name].value is not None:
-            options[name] = flags.FLAGS[name].value
-    return options
+    given = {name: flags.FLAGS[name].value for name in CONFIG_KEYS if name in flags.FLAGS}
+    return DecodeOptions.from_config(run_config, **given, **extra)
 
 
 def define_config_flag(default: str | None, help_string: str):

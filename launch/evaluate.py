@@ -50,13 +50,12 @@ def main(argv):
     with cli.user_errors():
         strategy = cli.strategy_from_flags()
         from showtell_dist.evaluation import caption_soundness
-        from showtell_dist.evaluation.evaluator import evaluate_split
+        from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
         from showtell_dist.run.run_dir import read_selection
 
         check_java()
-        models = cli.load_models(strategy)
-        members = models if isinstance(models, list) else [models]
+        members = cli.load_models(strategy)
         first = members[0]
         records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
         from showtell_dist.data.prepare import load_manifest
@@ -70,12 +69,12 @@ def main(argv):
         options = cli.decode_options(first.config)
         checkpoints = "; ".join(f"{m.checkpoint_path} (step {m.step})" for m in members)
         print(f"checkpoint{'s' if len(members) > 1 else ''} {checkpoints}; {_SPLIT.value} split of {records_dir}; "
-              f"beam width {options['beam_width']}, length normalization {options['length_normalization']}; "
+              f"beam width {options.beam_width}, length normalization {options.length_normalization}; "
               f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)", flush=True)
-        summary = evaluate_split(models, records_dir, _SPLIT.value, strategy, output_dir,
-                                 max_images=_MAX_IMAGES.value, batch_size=_BATCH.value, use_meteor=_METEOR.value,
-                                 report_images=_REPORT.value, progress=_PROGRESS.value,
-                                 selection=read_selection(model_dir), **options)  # val curves in report.html
+        summary = evaluate_split(members, records_dir, _SPLIT.value, strategy, output_dir, options,
+                                 SplitOptions(_MAX_IMAGES.value, _BATCH.value, _PROGRESS.value),
+                                 ReportOptions(_METEOR.value, _REPORT.value,
+                                               selection=read_selection(model_dir)))  # val curves in report.html
         if not summary:  # a worker of a multi-worker job: it decoded its share, the chief reports
             return
         speed = summary["images_per_s"]

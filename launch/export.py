@@ -32,14 +32,13 @@ def main(argv):
     with cli.user_errors():
         from showtell_dist.export import export_saved_model
 
-        models = cli.load_models()
-        members = models if isinstance(models, list) else [models]
-        options = cli.decode_options(members[0].config)
-        export_saved_model(models, export_dir, max_len=_MAX_LEN.value, **options)
+        members = cli.load_models()
+        options = cli.decode_options(members[0].config, max_new_tokens=_MAX_LEN.value)
+        export_saved_model(members, export_dir, options)
     checkpoints = "; ".join(f"{m.checkpoint_path} (step {m.step})" for m in members)
     print(f"exported {checkpoints} to {export_dir}: signature "
-          f"serving_default(images: string[n]) -> captions string[n, {options['beam_width']}], "
-          f"scores float32[n, {options['beam_width']}]", flush=True)
+          f"serving_default(images: string[n]) -> captions string[n, {options.beam_width}], "
+          f"scores float32[n, {options.beam_width}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import difflib
 from typing import Any, Callable, Iterable, Mapping
 
 from showtell_dist.config_fields import (ENCODER_MIN_IMAGE_SIZES, FEATURE_NORMS, LAYOUT_CHOICES,
-                                         LENGTH_NORMALIZATIONS, MIXED_PRECISION_CHOICES, PHASE_SECTIONS,
+                                         MIXED_PRECISION_CHOICES, PHASE_SECTIONS,
                                          PHASES_NEEDING_TRAINED_WEIGHTS, SCST_BASELINES, SELECT_METRIC_CHOICES,
                                          Bool, Choice, Field, Float, Int, Str, has_kind)
+from showtell_dist.decoding import options as decoding_options
 from showtell_dist.errors import ConfigError
 
 __all__ = ["FIELDS", "CROSS_CHECKS", "Field", "Int", "Float", "Bool", "Str", "Choice", "register_field",
@@ -87,12 +88,9 @@ FIELDS: dict[str, Field] = {
     "train.jit_compile": Bool(),
     "train.weight_average_decay": Float(min=0, max=1, min_open=True, max_open=True, zero="no moving average"),
     # eval
-    "eval.beam_width": Int(min=1),
-    "eval.length_normalization": Choice(LENGTH_NORMALIZATIONS),
-    "eval.alpha": Float(min=0),
+    # the decoding options' own rules (decoding/options.py)
+    **{f"{decoding_options.CONFIG_SECTION}.{name}": decoding_options.rule(name) for name in decoding_options.CONFIG_KEYS},
     "eval.select_metric": Choice(SELECT_METRIC_CHOICES),
-    "eval.remove_bad_endings": Bool(),
-    "eval.block_trigrams": Bool(),
     # demo
     "demo.num_examples": Int(min=0),
     # phases and the self-critical phase (configs/scst.py)

@@ -20,11 +20,12 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)
 @pytest.fixture(scope="session")
 def export_dir(tiny_trained_dir, tmp_path_factory):
     """The tiny trained model exported with beam 3 (import this fixture into a test module to use it)."""
+    from showtell_dist.decoding.options import DecodeOptions
     from showtell_dist.export import export_saved_model
     from showtell_dist.run.restore import load_trained_model
 
     path = str(tmp_path_factory.mktemp("serving") / "export")
-    export_saved_model(load_trained_model(tiny_trained_dir), path, beam_width=BEAM)
+    export_saved_model([load_trained_model(tiny_trained_dir)], path, DecodeOptions(beam_width=BEAM))
     return path
 
 

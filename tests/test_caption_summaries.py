@@ -119,6 +119,25 @@ def test_off_and_bad_values(tiny_dataset, tmp_path):
         CaptionSummaries(exp, strategy)
 
 
+def test_beam_captions_are_what_evaluation_writes_with_every_decoding_option(tiny_dataset):
+    """The TensorBoard beam captions decode with the run's whole eval section, constraints included."""
+    from showtell_dist.decoding.options import DecodeOptions
+    from showtell_dist.evaluation.evaluator import decode_split
+    from showtell_dist.run.restore import TrainedModel
+
+    records_dir, _ = tiny_dataset
+    strategy = tf.distribute.get_strategy()
+    config = tiny_config(records_dir, summary_images=4)
+    config.eval.beam_width, config.eval.remove_bad_endings, config.eval.block_trigrams = 2, True, True
+    exp = train_loop.build_experiment(config, strategy)
+    samples = CaptionSummaries(exp, strategy)
+    assert samples.options == DecodeOptions(beam_width=2, remove_bad_endings=True, block_trigrams=True)
+    evaluated = decode_split([TrainedModel(exp.model, exp.tokenizer, config, "", 0)], records_dir, "val", strategy,
+                             samples.options, max_images=4, progress=False)
+    captions = {r["image_id"]: r["caption"] for r in evaluated}
+    assert {c["image_id"]: c["beam"] for c in samples.captions()} == captions
+
+
 @pytest.fixture(scope="module")
 def features_cache(tiny_dataset, tmp_path_factory):
     records_dir, _ = tiny_dataset

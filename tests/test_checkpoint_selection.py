@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from showtell_dist.errors import ConfigError
-from showtell_dist.evaluation.evaluator import evaluate_split
+from showtell_dist.decoding.options import DecodeOptions
+from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
 from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
 from showtell_dist.run.run_dir import BEST_DIR, SELECTION_FILE, read_selection
@@ -69,8 +70,8 @@ def test_selected_checkpoint_scores_what_selection_recorded(selected_run, tmp_pa
     best = read_selection(model_dir)["best"]
     trained = load_trained_model(model_dir)  # default: the selected checkpoint
     assert trained.step == best["step"] and trained.checkpoint_path.startswith(f"{model_dir}/{BEST_DIR}/")
-    summary = evaluate_split(trained, config.data.records_dir, "val", tf.distribute.get_strategy(), str(tmp_path),
-                             beam_width=2, use_meteor=False, progress=False)
+    summary = evaluate_split([trained], config.data.records_dir, "val", tf.distribute.get_strategy(), str(tmp_path),
+                             DecodeOptions(beam_width=2), SplitOptions(progress=False), ReportOptions(use_meteor=False))
     for name, value in best["metrics"].items():
         assert summary["metrics"][name] == pytest.approx(value, abs=1e-9), name
     assert load_trained_model(model_dir, "latest").step == 6
@@ -98,7 +99,7 @@ def test_selection_config_errors(tiny_dataset, tiny_trained_dir, tmp_path):
         train_loop.train(config, tf.distribute.get_strategy(), str(tmp_path / "m"), show_progress=False)
     config.eval.select_metric = METRIC
     config.eval.length_normalization = "sideways"
-    with pytest.raises(ConfigError, match="length_normalization='sideways'"):
+    with pytest.raises(ConfigError, match="length_normalization = 'sideways': must be one of"):
         train_loop.train(config, tf.distribute.get_strategy(), str(tmp_path / "n"), show_progress=False)
     # A run without selection: "best" is refused with what to do instead; the default is the latest.
     with pytest.raises(ConfigError, match="no selected checkpoint.*--checkpoint=latest"):

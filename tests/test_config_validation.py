@@ -135,7 +135,7 @@ def test_registered_rule_and_missing_sections_of_older_runs():
 
 def test_the_library_takes_its_choices_from_config_fields():
     from showtell_dist.data.layouts import LAYOUTS
-    from showtell_dist.decoding.beam_search import LENGTH_NORMALIZATIONS
+    from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
     from showtell_dist.distribute.precision import REQUESTS
     from showtell_dist.distribute.strategy import STRATEGIES
     from showtell_dist.model import efficientnet_lite
@@ -155,8 +155,7 @@ def test_the_library_takes_its_choices_from_config_fields():
     assert SECTIONS is config_fields.PHASE_SECTIONS
     assert BASELINES is config_fields.SCST_BASELINES
     assert STRATEGIES is config_fields.STRATEGIES
-    # decoding/ keeps its own list until its options get one home (issue 14, item 1): they must agree.
-    assert tuple(LENGTH_NORMALIZATIONS) == config_fields.LENGTH_NORMALIZATIONS
+    assert LENGTH_NORMALIZATIONS is config_fields.LENGTH_NORMALIZATIONS
 
 
 def test_check_positive_names_the_argument():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from showtell_dist.decoding.beam_search import (BAD_ENDINGS, bad_ending_ids_of, beam_search, check_decode_options,
-                                                greedy_decode)
+from showtell_dist.decoding.beam_search import BAD_ENDINGS, bad_ending_ids_of, beam_search, greedy_decode
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError
 from test_beam_search import (END, FORBIDDEN, PAD, START, VOCAB, TinyDecoder, _log_softmax_masked, _row,
                               bigram_step, initial_state, run_beam)
@@ -143,11 +143,11 @@ def test_bad_ending_ids_and_option_checks():
     assert bad_ending_ids_of(words) == (3, 5, 7)
     assert {"a", "an", "the", "with", "of", "on", "in", "and", "at", "to", "for", "its", "his", "her",
             "their"} <= set(BAD_ENDINGS)
-    check_decode_options(3, "average", 0.6, remove_bad_endings=True, block_trigrams=False)
-    with pytest.raises(ConfigError, match="remove_bad_endings"):
-        check_decode_options(3, "average", 0.6, remove_bad_endings="yes")
-    with pytest.raises(ConfigError, match="block_trigrams"):
-        check_decode_options(3, "average", 0.6, block_trigrams=1)
+    DecodeOptions(3, "average", 0.6, remove_bad_endings=True, block_trigrams=False)
+    with pytest.raises(ConfigError, match="remove_bad_endings = 'yes': must be True or False"):
+        DecodeOptions(3, "average", 0.6, remove_bad_endings="yes")
+    with pytest.raises(ConfigError, match="block_trigrams = 1: must be True or False"):
+        DecodeOptions(3, "average", 0.6, block_trigrams=1)
     with pytest.raises(ConfigError, match="end_id"):
         beam_search(lambda t, s: (tf.zeros([2, VOCAB]), s), (tf.zeros([1, 1]),), beam_width=2, max_len=3,
                     start_id=START, end_id=END, vocab_size=VOCAB, bad_ending_ids=(END,))
@@ -163,9 +163,10 @@ def test_the_run_config_carries_the_options():
     from showtell_dist.run.run_dir import eval_options
 
     config = demo.get_config()
-    assert eval_options(config)["remove_bad_endings"] is False and eval_options(config)["block_trigrams"] is False
+    assert eval_options(config).remove_bad_endings is False and eval_options(config).block_trigrams is False
     config.eval.remove_bad_endings, config.eval.block_trigrams = True, True
-    assert eval_options(config)["remove_bad_endings"] and eval_options(config)["block_trigrams"]
+    assert eval_options(config).remove_bad_endings and eval_options(config).block_trigrams
     old_run = ml_collections.ConfigDict({"eval": {"beam_width": 2}})  # a run from before the options existed
-    assert eval_options(old_run) == {"beam_width": 2, "length_normalization": "average", "alpha": 0.6,
-                                     "remove_bad_endings": False, "block_trigrams": False}
+    assert eval_options(old_run) == DecodeOptions(beam_width=2)
+    assert eval_options(old_run).summary() == {"beam_width": 2, "length_normalization": "average", "alpha": 0.6,
+                                               "remove_bad_endings": False, "block_trigrams": False}

@@ -9,9 +9,12 @@ import pytest
 import tensorflow as tf
 
 from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError
 from showtell_dist.evaluation.captioner import caption_files
-from showtell_dist.evaluation.evaluator import SplitDecoder, build_beam_decoder, decode_split
+from showtell_dist.decoding.beam_search import beam_search
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.evaluation.evaluator import SplitDecoder, decode_split
 from showtell_dist.export.saved_model import build_caption_module
 from showtell_dist.run.restore import ensemble_members, load_ensemble, load_trained_model
 
@@ -33,6 +36,10 @@ def perturbed(tiny_trained_dir):
     return other
 
 
+def _decoder(members, **options):
+    return build_decoder([m.model for m in members], DecodeOptions(**options), members[0].tokenizer)
+
+
 def _images(n=4, size=32, seed=3):
     return tf.constant(np.random.default_rng(seed).uniform(0, 255, size=(n, size, size, 3)).astype("float32"))
 
@@ -40,9 +47,16 @@ def _images(n=4, size=32, seed=3):
 def test_an_ensemble_of_one_is_that_checkpoint(trained, tiny_dataset):
     records_dir, _ = tiny_dataset
     strategy = tf.distribute.get_strategy()
-    alone = decode_split(trained, records_dir, SPLIT, strategy, beam_width=3, progress=False)
-    ensemble = decode_split([trained], records_dir, SPLIT, strategy, beam_width=3, progress=False)
-    assert ensemble == alone  # captions, scores and top-k, exactly
+    ensemble = decode_split([trained], records_dir, SPLIT, strategy, DecodeOptions(beam_width=3), progress=False)
+    # The model's own decode step, searched directly: what an ensemble of one must give, exactly.
+    images = _images()
+    alone = beam_search(trained.model.decode_step, trained.model.initial_state(trained.model.encode(images)),
+                        beam_width=3, max_len=trained.tokenizer.max_len - 1, start_id=START_ID, end_id=END_ID,
+                        vocab_size=trained.tokenizer.vocab_size, forbidden_ids=(UNK_ID, START_ID))
+    one = build_decoder([trained.model], DecodeOptions(beam_width=3), trained.tokenizer)(images)
+    np.testing.assert_array_equal(one.tokens.numpy(), alone.tokens.numpy())
+    np.testing.assert_array_equal(one.scores.numpy(), alone.scores.numpy())
+    assert len(ensemble) == 8 and all(r["top_k"] for r in ensemble)
 
 
 def _numpy_greedy(members, images, max_len):
@@ -69,16 +83,14 @@ def _numpy_greedy(members, images, max_len):
 def test_an_ensemble_of_two_equals_a_hand_averaged_reference(trained, perturbed):
     images = _images()
     max_len = trained.tokenizer.max_len - 1
-    greedy = build_beam_decoder([trained, perturbed], beam_width=1)(images)
+    greedy = _decoder([trained, perturbed], beam_width=1)(images)
     np.testing.assert_array_equal(greedy.tokens[:, 0].numpy(), _numpy_greedy([trained, perturbed], images, max_len))
     # The members alone caption differently: the average is not one of them.
-    alone = [build_beam_decoder(m, beam_width=3)(images) for m in (trained, perturbed)]
-    both = build_beam_decoder([trained, perturbed], beam_width=3)(images)
+    alone = [_decoder([m], beam_width=3)(images) for m in (trained, perturbed)]
+    both = _decoder([trained, perturbed], beam_width=3)(images)
     assert not any(np.allclose(a.scores.numpy(), both.scores.numpy()) for a in alone)
 
     # Beam search over a step written out by hand: average of the two log-softmaxes.
-    from showtell_dist.decoding.beam_search import beam_search
-
     def step(tokens, states):
         (l1, s1), (l2, s2) = trained.model.decode_step(tokens, states[0]), perturbed.model.decode_step(tokens,
                                                                                                         states[1])
@@ -93,23 +105,27 @@ def test_an_ensemble_of_two_equals_a_hand_averaged_reference(trained, perturbed)
 
 def test_export_and_caption_files_decode_the_ensemble(trained, perturbed, tmp_path):
     images = _images(n=2)
-    module = build_caption_module([trained, perturbed], beam_width=2, remove_bad_endings=True, block_trigrams=True)
+    options = DecodeOptions(beam_width=2, remove_bad_endings=True, block_trigrams=True)
+    module = build_caption_module([trained, perturbed], options)
     exported = module.caption_pixels(images)
-    evaluated = build_beam_decoder([trained, perturbed], beam_width=2, remove_bad_endings=True,
-                                   block_trigrams=True)(images)
+    evaluated = _decoder([trained, perturbed], **options.summary())(images)
     np.testing.assert_array_equal(exported.tokens.numpy(), evaluated.tokens.numpy())
     from PIL import Image
 
     path = str(tmp_path / "a.png")
     Image.fromarray(np.zeros([40, 40, 3], np.uint8)).save(path)
-    one, _ = caption_files([trained], [path], beam_width=2)
-    alone, _ = caption_files(trained, [path], beam_width=2)
-    assert one == alone
+    both, _ = caption_files([trained, perturbed], [path], options)
+    from showtell_dist.data import pipeline
+    from showtell_dist.data.images import load_image_as_jpeg
+
+    pixels = pipeline.decode_image(tf.constant(load_image_as_jpeg(path)[0]), 32)[None]  # as caption_files reads it
+    expected = _decoder([trained, perturbed], **options.summary())(pixels)
+    assert both[0]["caption"] == trained.tokenizer.decode(expected.tokens[0, 0].numpy())
 
 
 def test_a_split_decoder_traces_once(trained, perturbed, tiny_dataset):
     records_dir, _ = tiny_dataset
-    decoder = SplitDecoder([trained, perturbed], tf.distribute.get_strategy(), beam_width=2)
+    decoder = SplitDecoder([trained, perturbed], tf.distribute.get_strategy(), DecodeOptions(beam_width=2))
     first, _ = decoder.decode(records_dir, SPLIT, batch_size=4, progress=False)
     before = [v.numpy() for v in perturbed.model.trainable_variables]
     for v in perturbed.model.trainable_variables:
@@ -162,7 +178,7 @@ def test_evaluate_launcher_decodes_an_ensemble_with_the_decoding_options(tiny_tr
     assert len(summary["checkpoint"]) == 2 and summary["remove_bad_endings"] and summary["block_trigrams"]
     # Two copies of one model average to that model: the captions of the model alone, with the same options.
     records_dir, _ = tiny_dataset
-    alone = decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), beam_width=2,
-                         remove_bad_endings=True, block_trigrams=True, progress=False)
+    alone = decode_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), DecodeOptions(beam_width=2, remove_bad_endings=True, block_trigrams=True),
+                         progress=False)
     captions = {c["image_id"]: c["caption"] for c in json.load(open(os.path.join(out, "captions.json")))}
     assert captions == {r["image_id"]: r["caption"] for r in alone}

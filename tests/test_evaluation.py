@@ -15,10 +15,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError, UserError
 from showtell_dist.evaluation import metrics, report
 from showtell_dist.evaluation.captioner import caption_files
-from showtell_dist.evaluation.evaluator import decode_split, evaluate_split, scan_records
+from showtell_dist.evaluation.evaluator import (ReportOptions, SplitOptions, decode_split, evaluate_split,
+                                                scan_records)
 from showtell_dist.run.restore import load_trained_model
 from tiny_setup import REPO_ROOT, mirrored
 
@@ -50,7 +52,8 @@ def split_ids(tiny_dataset):
 def default_results(trained, tiny_dataset):
     records_dir, _ = tiny_dataset
     # batch 3: 3 batches, the last with one padding row
-    return decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), beam_width=3, batch_size=3,
+    return decode_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), DecodeOptions(beam_width=3),
+                        batch_size=3,
                         progress=False)
 
 
@@ -76,30 +79,34 @@ def test_decode_split_mirrored_matches_default(trained_dir, trained, default_res
     strategy = mirrored(2)
     trained_m = load_trained_model(trained_dir, strategy=strategy)
     # 3 images per replica as above; 2 steps of 6 -> 4 padding rows to drop
-    results = decode_split(trained_m, records_dir, SPLIT, strategy, beam_width=3, batch_size=6, progress=False)
+    results = decode_split([trained_m], records_dir, SPLIT, strategy, DecodeOptions(beam_width=3), batch_size=6,
+                           progress=False)
     assert sorted(r["image_id"] for r in results) == sorted(r["image_id"] for r in default_results)
     replicated, default = _by_id(results), _by_id(default_results)
     for image_id, r in default.items():
         assert replicated[image_id]["caption"] == r["caption"]
         np.testing.assert_allclose(replicated[image_id]["score"], r["score"], atol=1e-5)
     with pytest.raises(ConfigError, match="divisible"):
-        decode_split(trained_m, records_dir, SPLIT, strategy, batch_size=3, progress=False)
+        decode_split([trained_m], records_dir, SPLIT, strategy, batch_size=3, progress=False)
     with pytest.raises(ConfigError, match="strategy=strategy"):  # loaded outside the strategy's scope
-        decode_split(trained, records_dir, SPLIT, strategy, batch_size=6, progress=False)
+        decode_split([trained], records_dir, SPLIT, strategy, batch_size=6, progress=False)
 
 
 def test_decode_split_max_images_and_checks(trained, default_results, tiny_dataset):
     records_dir, _ = tiny_dataset
-    results = decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), beam_width=3,
+    results = decode_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), DecodeOptions(beam_width=3),
                            max_images=5, progress=False)
     assert len(results) == 5 and len({r["image_id"] for r in results}) == 5
     default = _by_id(default_results)
     for r in results:
         assert r["caption"] == default[r["image_id"]]["caption"]
     with pytest.raises(ConfigError, match="split 'nope'"):
-        decode_split(trained, records_dir, "nope", tf.distribute.get_strategy(), progress=False)
+        decode_split([trained], records_dir, "nope", tf.distribute.get_strategy(), progress=False)
     with pytest.raises(ConfigError, match="beam_width"):
-        decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), beam_width=0, progress=False)
+        decode_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), DecodeOptions(beam_width=0),
+                     progress=False)
+    with pytest.raises(ConfigError, match="list"):  # one model is a list of one
+        decode_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), progress=False)
 
 
 REFS = {
@@ -148,16 +155,17 @@ def test_missing_java_is_a_user_error(monkeypatch, trained, tiny_dataset, tmp_pa
     assert "java" in str(info.value)
     records_dir, _ = tiny_dataset
     with pytest.raises(UserError, match="java"):  # refused before decoding anything
-        evaluate_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), str(tmp_path / "out"),
-                       progress=False)
+        evaluate_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), str(tmp_path / "out"),
+                       images=SplitOptions(progress=False))
     assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_split_writes_outputs(trained, tiny_dataset, split_ids, tmp_path):
     records_dir, _ = tiny_dataset
     out = str(tmp_path / "eval")
-    summary = evaluate_split(trained, records_dir, SPLIT, tf.distribute.get_strategy(), out, beam_width=2,
-                             use_meteor=False, report_images=3, progress=False)
+    summary = evaluate_split([trained], records_dir, SPLIT, tf.distribute.get_strategy(), out,
+                             DecodeOptions(beam_width=2), SplitOptions(progress=False),
+                             ReportOptions(use_meteor=False, report_images=3))
     for name in ("metrics.json", "captions.json", "report.html"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "metrics.json")) as f:
@@ -218,14 +226,14 @@ def _write_images(tmp_path):
 
 def test_caption_files_in_process(trained, tmp_path):
     good, bad = _write_images(tmp_path)
-    results, errors = caption_files(trained, [str(tmp_path / "good*"), bad, str(tmp_path / "missing.jpg"),
-                                              str(tmp_path / "nomatch*.jpg")], beam_width=3, top_k=2)
+    results, errors = caption_files([trained], [str(tmp_path / "good*"), bad, str(tmp_path / "missing.jpg"),
+                                              str(tmp_path / "nomatch*.jpg")], DecodeOptions(beam_width=3), top_k=2)
     assert [r["path"] for r in results] == good
     assert all(len(r["top_k"]) == 2 and r["top_k"][0][0] == r["caption"] for r in results)
     assert [p for p, _ in errors] == [str(tmp_path / "nomatch*.jpg"), bad, str(tmp_path / "missing.jpg")]
     assert "not an image" in errors[1][1] and "missing" in errors[2][1]
     with pytest.raises(ConfigError, match="beam_width"):
-        caption_files(trained, good, beam_width=2, top_k=3)
+        caption_files([trained], good, DecodeOptions(beam_width=2), top_k=3)
 
 
 def _run(script, *args, timeout=240):

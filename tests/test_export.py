@@ -12,6 +12,7 @@ import tensorflow as tf
 from showtell_dist.data import pipeline
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
 from showtell_dist.decoding.beam_search import beam_search
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError
 from showtell_dist.export import export_saved_model
 from showtell_dist.run.restore import load_trained_model
@@ -79,7 +80,7 @@ def _in_process_captions(trained, jpeg, png):
 def test_saved_model_serves_with_tensorflow_only(trained_dir, tmp_path):
     trained = load_trained_model(trained_dir)
     export_dir = str(tmp_path / "export")
-    export_saved_model(trained, export_dir, beam_width=BEAM)
+    export_saved_model([trained], export_dir, DecodeOptions(beam_width=BEAM))
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
     assert os.path.exists(os.path.join(export_dir, "assets", "vocab.json"))
 
@@ -106,7 +107,7 @@ def test_saved_model_serves_with_tensorflow_only(trained_dir, tmp_path):
 def test_bad_image_fails_the_call_with_tensorflows_error(trained_dir, tmp_path):
     trained = load_trained_model(trained_dir)
     export_dir = str(tmp_path / "export")
-    export_saved_model(trained, export_dir, beam_width=2, max_len=4)
+    export_saved_model([trained], export_dir, DecodeOptions(beam_width=2, max_new_tokens=4))
     serve = tf.saved_model.load(export_dir).signatures["serving_default"]
     _, jpeg, _ = _test_images(tmp_path)
     out = serve(images=tf.constant([jpeg]))
@@ -119,9 +120,11 @@ def test_bad_image_fails_the_call_with_tensorflows_error(trained_dir, tmp_path):
 def test_export_rejects_bad_settings(trained_dir, tmp_path):
     trained = load_trained_model(trained_dir)
     with pytest.raises(ConfigError, match="beam_width"):
-        export_saved_model(trained, str(tmp_path / "e"), beam_width=0)
+        export_saved_model([trained], str(tmp_path / "e"), DecodeOptions(beam_width=0))
     with pytest.raises(ConfigError, match="length_normalization"):
-        export_saved_model(trained, str(tmp_path / "e"), length_normalization="mean")
+        export_saved_model([trained], str(tmp_path / "e"), DecodeOptions(length_normalization="mean"))
+    with pytest.raises(ConfigError, match="list"):  # one model is a list of one
+        export_saved_model(trained, str(tmp_path / "e"))
 
 
 def test_export_launcher(trained_dir, tmp_path):
@@ -158,7 +161,7 @@ print(json.dumps({"eager": eager, "session": session_out,
 @pytest.fixture(scope="module")
 def exported(trained_dir, tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("session_export") / "export")
-    export_saved_model(load_trained_model(trained_dir), export_dir, beam_width=BEAM)
+    export_saved_model([load_trained_model(trained_dir)], export_dir, DecodeOptions(beam_width=BEAM))
     return export_dir
 
 

@@ -215,6 +215,7 @@ def test_same_weights_same_loss_from_images_and_from_features(cache, tiny_datase
 
 
 def test_train_from_features_then_evaluate_and_restore(cache, tiny_dataset, weights, tmp_path):
+    from showtell_dist.decoding.options import DecodeOptions
     from showtell_dist.evaluation.evaluator import decode_split
     from showtell_dist.run.restore import load_trained_model
 
@@ -232,8 +233,8 @@ def test_train_from_features_then_evaluate_and_restore(cache, tiny_dataset, weig
     reference = build_encoder("small_cnn", image_size=32, weights=weights)
     for a, b in zip(trained.model.encoder.weights, reference.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    from_images = decode_split(trained, records_dir, "test", strategy, beam_width=2, progress=False)
-    from_features = decode_split(trained, out, "test", strategy, beam_width=2, progress=False)
+    from_images = decode_split([trained], records_dir, "test", strategy, DecodeOptions(beam_width=2), progress=False)
+    from_features = decode_split([trained], out, "test", strategy, DecodeOptions(beam_width=2), progress=False)
     assert [r["image_id"] for r in from_images] == [r["image_id"] for r in from_features]
     assert [r["caption"] for r in from_images] == [r["caption"] for r in from_features]
     np.testing.assert_allclose([r["score"] for r in from_images], [r["score"] for r in from_features], atol=1e-3)
@@ -242,7 +243,7 @@ def test_train_from_features_then_evaluate_and_restore(cache, tiny_dataset, weig
     from showtell_dist.export import export_saved_model
 
     export_dir = str(tmp_path / "export")
-    export_saved_model(trained, export_dir, beam_width=2)
+    export_saved_model([trained], export_dir, DecodeOptions(beam_width=2))
     test_images = _examples(records_dir, load_manifest(records_dir), "test", records.parse_example)[:3]
     served = tf.saved_model.load(export_dir).signatures["serving_default"](
         images=tf.stack([e["jpeg"] for e in test_images]))
@@ -252,7 +253,7 @@ def test_train_from_features_then_evaluate_and_restore(cache, tiny_dataset, weig
 
     trained.config.model.encoder_trainable = True  # as if fine-tuned: the cached features are stale
     with pytest.raises(ConfigError, match="frozen encoder"):
-        decode_split(trained, out, "test", strategy, progress=False)
+        decode_split([trained], out, "test", strategy, progress=False)
 
 
 def test_mismatched_cache_is_refused(cache, tiny_dataset, weights, tmp_path):

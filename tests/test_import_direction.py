@@ -21,7 +21,9 @@ LAYERS = {
 }
 # Imports within a layer that are allowed. Training scores with evaluation (never the other way round).
 # (The CIDEr-D reward reads the document frequencies data/ computes: reward sits above data.)
-SIDEWAYS = {("training", "evaluation")}
+# The decoder reads the special token ids from data/tokenizer.py; config validation reads the decoding
+# options' rules from decoding/options.py (neither is imported back).
+SIDEWAYS = {("training", "evaluation"), ("decoding", "data"), ("config_validation", "decoding")}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -146,6 +146,7 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
 @pytest.mark.slow
 def test_two_workers_decode_a_split_and_each_holds_all_captions(tiny_dataset, tiny_trained_dir, tmp_path):
     """Each worker decodes its share; the all-gather gives every worker (the chief writes) the whole split."""
+    from showtell_dist.decoding.options import DecodeOptions
     from showtell_dist.evaluation.evaluator import decode_split
     from showtell_dist.run.restore import load_trained_model
 
@@ -167,8 +168,8 @@ def test_two_workers_decode_a_split_and_each_holds_all_captions(tiny_dataset, ti
                 q.kill()
             raise
         assert p.returncode == 0, out[-4000:]
-    single = decode_split(load_trained_model(tiny_trained_dir), records, "test", tf.distribute.get_strategy(),
-                          beam_width=2, batch_size=4, progress=False)
+    single = decode_split([load_trained_model(tiny_trained_dir)], records, "test", tf.distribute.get_strategy(),
+                          DecodeOptions(beam_width=2), batch_size=4, progress=False)
     expected = {r["image_id"]: r for r in single}
     assert len(expected) == manifest["splits"]["test"]["images"] == 8
     for path in outs:

@@ -129,14 +129,16 @@ def test_report_module_imports_nothing_of_the_package():
 
 
 def test_evaluate_split_draws_the_runs_curves_with_the_tokenizers_words(tiny_trained_dir, tiny_dataset, tmp_path):
-    from showtell_dist.evaluation.evaluator import evaluate_split
+    from showtell_dist.decoding.options import DecodeOptions
+    from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
 
     strategy = tf.distribute.get_strategy()
     trained = load_trained_model(tiny_trained_dir, strategy=strategy)
-    summary = evaluate_split(trained, tiny_dataset[0], "val", strategy, str(tmp_path / "eval"), beam_width=2,
-                             use_meteor=False, report_images=2, progress=False,
-                             selection=_selection(steps=(2, 4, 6), best_step=6))
+    summary = evaluate_split([trained], tiny_dataset[0], "val", strategy, str(tmp_path / "eval"),
+                             DecodeOptions(beam_width=2), SplitOptions(progress=False),
+                             ReportOptions(use_meteor=False, report_images=2,
+                                           selection=_selection(steps=(2, 4, 6), best_step=6)))
     page = open(summary["files"]["report.html"], encoding="utf-8").read()
     assert "Validation scores during training" in page and "selected by CIDEr-D: step 6" in page
     assert len(re.findall(r"<polyline ", page)) == len(METRICS)
@@ -156,6 +158,7 @@ def test_evaluating_the_selected_checkpoint_passes_the_selection_on(tmp_path, mo
     trained = type("Trained", (), {"config": tiny_config("records")})()
     monkeypatch.setattr(restore, "load_trained_model", lambda model_dir, checkpoint, strategy: trained)
     calls = []
-    monkeypatch.setattr(evaluator, "evaluate_split", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(evaluator, "evaluate_split", lambda *args: calls.append(args) or {})
     evaluate_selected(str(tmp_path), tf.distribute.get_strategy(), progress=False)
-    assert calls[0]["selection"] == _selection()
+    members, *_, report = calls[0]
+    assert members == [trained] and report.selection == _selection()

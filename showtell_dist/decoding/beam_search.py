@@ -57,10 +57,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import tensorflow as tf
 
 from showtell_dist.config_fields import check_positive as _check_positive
+from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
 from showtell_dist.errors import ConfigError
 
 PAD_ID = 0
-LENGTH_NORMALIZATIONS = ("none", "average", "gnmt")
 
 _NEG_INF = float("-inf")
 # Words a caption should not end on (self-critical.pytorch's bad_endings, plus conjunctions and possessives).
@@ -293,15 +293,6 @@ def _check_bool(name: str, value) -> bool:
     return value
 
 
-def check_decode_options(beam_width: int, length_normalization: str, alpha: float, remove_bad_endings: bool = False,
-                         block_trigrams: bool = False) -> None:
-    """Raises ConfigError for decoding options (the run's eval.* settings) a user cannot mean."""
-    _check_positive("beam_width", beam_width)
-    _check_bool("remove_bad_endings", remove_bad_endings)
-    _check_bool("block_trigrams", block_trigrams)
-    _check_normalization(length_normalization)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
-        raise ConfigError(f"alpha (the GNMT length-penalty exponent) must be a number >= 0, got {alpha!r}.")
 
 
 # ----------------------------------------------------------------------------

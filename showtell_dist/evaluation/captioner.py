@@ -1,7 +1,7 @@
 """Captions image files (local or gs://, paths or globs) with a trained model.
 
-    trained = load_trained_model(model_dir)
-    results, errors = caption_files(trained, ["photo.jpg", "shots/*.png"], beam_width=3, top_k=2)
+    members = [load_trained_model(model_dir)]     # several: an ensemble
+    results, errors = caption_files(members, ["photo.jpg", "shots/*.png"], DecodeOptions(beam_width=3), top_k=2)
 
 Each file is read and converted to RGB JPEG by `images.load_image_as_jpeg`
 (any format Pillow reads), resized by `pipeline.decode_image` exactly as in
@@ -19,9 +19,10 @@ import tensorflow as tf
 
 from showtell_dist.data import pipeline
 from showtell_dist.data.images import load_image_as_jpeg
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError, DataError
-from showtell_dist.decoding.beam_search import check_decode_options
-from showtell_dist.evaluation.evaluator import build_beam_decoder, detokenize, members_of
+from showtell_dist.evaluation.evaluator import detokenize, members_of
 from showtell_dist.run.restore import TrainedModel
 
 
@@ -43,11 +44,10 @@ def expand_paths(paths: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]
     return out, errors
 
 
-def caption_files(trained: TrainedModel | Sequence[TrainedModel], paths: Iterable[str], beam_width: int = 3,
-                  top_k: int = 1, *, length_normalization: str = "average", alpha: float = 0.6,
-                  remove_bad_endings: bool = False, block_trigrams: bool = False,
-                  batch_size: int = 16) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Captions every image of `paths` (files or glob patterns) with a model or an ensemble (a list).
+def caption_files(members: Sequence[TrainedModel], paths: Iterable[str], options: DecodeOptions = DecodeOptions(),
+                  top_k: int = 1, *, batch_size: int = 16) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Captions every image of `paths` (files or glob patterns) with the members (a list of TrainedModels;
+    several: an ensemble).
 
     Returns:
       results: [{"path", "caption", "score", "top_k": [(caption, score)] (at
@@ -55,21 +55,16 @@ def caption_files(trained: TrainedModel | Sequence[TrainedModel], paths: Iterabl
       errors: [(path, message)] for patterns matching nothing and files that
         are not usable images; each message names the file and the fix.
     """
-    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
-    members = members_of(trained)
+    members = members_of(members)
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-    if top_k > beam_width:
-        raise ConfigError(f"top_k={top_k} exceeds beam_width={beam_width}: beam search keeps only beam_width "
+    if top_k > options.beam_width:
+        raise ConfigError(f"top_k={top_k} exceeds beam_width={options.beam_width}: beam search keeps only beam_width "
                           f"captions per image; raise --beam_width to at least {top_k}.")
+    decoder = build_decoder([m.model for m in members], options, members[0].tokenizer)
     files, errors = expand_paths(paths)
     size = members[0].model.image_size
-    if any(m.model.image_size != size for m in members):
-        raise ConfigError(f"the ensemble's models see images of different sizes "
-                          f"({sorted({m.model.image_size for m in members})}); ensemble models of one image size.")
-    decoder = build_beam_decoder(members, beam_width=beam_width, length_normalization=length_normalization,
-                                 alpha=alpha, remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def decode(images):

@@ -1,15 +1,15 @@
 """Batched, distributed beam-search captioning of a prepared split, scored with coco-caption.
 
-    trained = load_trained_model(model_dir, strategy=strategy)   # variables in the strategy's scope
-    results = decode_split(trained, records_dir, "test", strategy, beam_width=3)
-    summary = evaluate_split(trained, records_dir, "test", strategy, output_dir)
+    members = [load_trained_model(model_dir, strategy=strategy)]   # variables in the strategy's scope
+    results = decode_split(members, records_dir, "test", strategy, DecodeOptions(beam_width=3))
+    summary = evaluate_split(members, records_dir, "test", strategy, output_dir, options)
 
 `decode_split` streams the split's records through `pipeline.eval_input_fn`
 (static-shape batches of numeric tensors only, the last one padded with empty
 images whose index is -1) with `strategy.distribute_datasets_from_function`. Each batch is one call
 of a compiled `tf.function` that, under `strategy.run`, encodes every image
-once and beam-searches all of them together (`beam_search` over
-`model.decode_step`, <unk> and <start> never generated). The per-replica
+once and beam-searches all of them together (decoding/decoder.py's `build_decoder`,
+the one decoding recipe: <unk> and <start> never generated). The per-replica
 results are brought to the host with `strategy.experimental_local_results`
 (under a multi-worker strategy: all-gathered, so every worker holds the whole
 split's captions; see `SplitDecoder`), padding rows dropped, each image's index mapped back to its image_id on the
@@ -28,14 +28,16 @@ output_dir (local or gs://):
   captions.json  COCO results format: [{"image_id": ..., "caption": ...}, ...]
   report.html    the scores, then the best and worst images by CIDEr-D
 
-Several checkpoints (one run's or several runs' with one vocabulary) decode
-as an ensemble: pass a list of TrainedModels (`run.restore.load_ensemble`).
+The members are always a list of TrainedModels: one model is a list of one,
+several checkpoints (one run's or several runs' with one vocabulary) decode
+as an ensemble (`run.restore.load_ensemble`).
 `SplitDecoder` builds the compiled decode function once and reuses it for
 every later split and checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -48,10 +50,9 @@ from tqdm import tqdm
 from showtell_dist.config_fields import check_positive as _check_positive
 from showtell_dist.data import feature_cache, pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
-from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
-from showtell_dist.decoding.beam_search import (BeamSearchResult, bad_ending_ids_of, beam_search,
-                                                check_decode_options)
-from showtell_dist.decoding.ensemble import ensemble_step
+from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.distribute.strategy import is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.features.compatibility import check_features_compatible
@@ -99,44 +100,14 @@ def _global_batch_size(batch_size: int | None, replicas: int, num_images: int) -
 # ----------------------------------------------------------------------------
 
 
-def members_of(trained: TrainedModel | Sequence[TrainedModel]) -> list[TrainedModel]:
-    """A model, or the members of an ensemble (several checkpoints with one vocabulary), as a list."""
-    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
-    if not members:
-        raise ConfigError("no trained model given: pass a TrainedModel or a non-empty list of them.")
+def members_of(members: Sequence[TrainedModel]) -> list[TrainedModel]:
+    """The members of a model or an ensemble, a non-empty list of TrainedModels with one vocabulary."""
+    if isinstance(members, TrainedModel) or not isinstance(members, (list, tuple)) or not members:
+        raise ConfigError("pass a non-empty list of TrainedModels (one model is a list of one), got "
+                          f"{type(members).__name__}.")
+    members = list(members)
     check_same_vocabulary(members)
     return members
-
-
-def build_beam_decoder(trained: TrainedModel | Sequence[TrainedModel], *, beam_width: int = 3,
-                       length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
-                       block_trigrams: bool = False,
-                       from_features: bool = False) -> Callable[[tf.Tensor], BeamSearchResult]:
-    """fn(images [batch, H, W, 3] 0..255) -> BeamSearchResult; plain TF, for use in a tf.function.
-
-    Each image is encoded once by each member; the beams start from the LSTM
-    states the encodings give. An ensemble (several TrainedModels) averages
-    its members' log-probabilities at every step (decoding/ensemble.py).
-    <unk> and <start> are never generated; captions have at most
-    tokenizer.max_len - 1 tokens after <start> (the <end> included). With
-    from_features the function takes the encoder's features [batch, dim]
-    (from a features cache) instead of images.
-    """
-    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
-    members = members_of(trained)
-    tokenizer = members[0].tokenizer
-    bad_endings = bad_ending_ids_of(tokenizer.words) if remove_bad_endings else ()
-
-    def decode(inputs: tf.Tensor) -> BeamSearchResult:
-        states = [m.model.initial_state(inputs if from_features else m.model.encode(inputs, training=False))
-                  for m in members]
-        step, state = ensemble_step([m.model.decode_step for m in members], states)
-        return beam_search(step, state, beam_width=beam_width, max_len=tokenizer.max_len - 1,
-                           start_id=START_ID, end_id=END_ID, vocab_size=tokenizer.vocab_size,
-                           forbidden_ids=(UNK_ID, START_ID), length_normalization=length_normalization,
-                           alpha=float(alpha), bad_ending_ids=bad_endings, block_trigrams=block_trigrams)
-
-    return decode
 
 
 def detokenize(tokenizer: Tokenizer, tokens, scores) -> list[dict]:
@@ -165,7 +136,7 @@ def split_size(manifest: dict, split: str, records_dir: str, max_images: int | N
 class SplitDecoder:
     """Beam-search captions of prepared splits with one compiled function, built once.
 
-        decoder = SplitDecoder(trained, strategy, beam_width=3)
+        decoder = SplitDecoder(members, strategy, DecodeOptions(beam_width=3))
         results, timing = decoder.decode(records_dir, "val")     # later calls reuse the traced function
 
     Checkpoint selection keeps one for the whole run, so evaluating another
@@ -177,23 +148,21 @@ class SplitDecoder:
     mapped to image ids on the host.
     """
 
-    def __init__(self, trained: TrainedModel | Sequence[TrainedModel], strategy: tf.distribute.Strategy, *,
-                 beam_width: int = 3, length_normalization: str = "average", alpha: float = 0.6,
-                 remove_bad_endings: bool = False, block_trigrams: bool = False):
-        check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
-        self.members = members_of(trained)
+    def __init__(self, members: Sequence[TrainedModel], strategy: tf.distribute.Strategy,
+                 options: DecodeOptions = DecodeOptions()):
+        self.members = members_of(members)
         for member in self.members:
             _check_model_in_scope(member, strategy)
         self.strategy = strategy
-        self.options = {"beam_width": beam_width, "length_normalization": length_normalization, "alpha": alpha,
-                        "remove_bad_endings": remove_bad_endings, "block_trigrams": block_trigrams}
+        self.options = options
         self.workers = 1 if isinstance(strategy, tf.distribute.TPUStrategy) else num_workers(strategy)
         self._functions: dict[bool, Callable] = {}  # from_features -> tf.function
         self.traces = 0  # how often a decode function was traced (for tests)
 
     def _function(self, from_features: bool):
         if from_features not in self._functions:
-            replica_decode = build_beam_decoder(self.members, from_features=from_features, **self.options)
+            replica_decode = build_decoder([m.model for m in self.members], self.options, self.members[0].tokenizer,
+                                           from_features=from_features)
             strategy = self.strategy
 
             @tf.function
@@ -226,10 +195,7 @@ class SplitDecoder:
         strategy, first = self.strategy, self.members[0]
         manifest = load_manifest(records_dir)
         from_features = self._check_data(manifest, records_dir)
-        image_sizes = {m.model.image_size for m in self.members}
-        if not from_features and len(image_sizes) > 1:
-            raise ConfigError(f"the ensemble's models see images of different sizes ({sorted(image_sizes)}); "
-                              "ensemble models of one image size.")
+        decode_batch = self._function(from_features)  # checks the members fit together, before reading data
         num_images = split_size(manifest, split, records_dir, max_images)
         replicas = strategy.num_replicas_in_sync
         spec = pipeline.PipelineSpec(
@@ -241,7 +207,6 @@ class SplitDecoder:
         dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images))
         # {index: image_id} of every worker's share, read on the host: no strings on the device
         image_ids = pipeline.eval_image_ids(manifest, spec, max_images, num_input_pipelines=self.workers)
-        decode_batch = self._function(from_features)
         input_key = "features" if from_features else "images"  # a features cache: the encoder is skipped
 
         results: list[dict] = []
@@ -282,34 +247,30 @@ class SplitDecoder:
         return results, timing
 
 
-def decode_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: str, split: str,
-                 strategy: tf.distribute.Strategy, *, beam_width: int = 3, max_images: int | None = None,
-                 batch_size: int | None = None, length_normalization: str = "average", alpha: float = 0.6,
-                 remove_bad_endings: bool = False, block_trigrams: bool = False,
-                 progress: bool = True) -> list[dict]:
+def decode_split(members: Sequence[TrainedModel], records_dir: str, split: str, strategy: tf.distribute.Strategy,
+                 options: DecodeOptions = DecodeOptions(), *, max_images: int | None = None,
+                 batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """Beam-search captions for every image of a split (or its first max_images), each exactly once.
 
     Args:
-      trained: from `load_trained_model(..., strategy=strategy)`, or a list
-        of them (an ensemble with one vocabulary, `load_ensemble`).
+      members: [TrainedModel] from `load_trained_model(..., strategy=strategy)`, or several (an ensemble
+        with one vocabulary, `load_ensemble`).
       records_dir: prepared records (local or gs://) holding `split`, or a
         features cache made from them for this model's frozen encoder
         (data/feature_cache.py): then the encoder is skipped.
       strategy: the model's strategy; batches are split over its replicas
         (and workers: see `SplitDecoder`).
-      beam_width: K hypotheses kept per image (1 = greedy).
+      options: how to decode (beam width, length normalisation, constraints).
       max_images: caption only the first max_images images of the split.
       batch_size: global batch (a multiple of the replicas); default up to
         32 per replica, less when the split is smaller.
-      length_normalization, alpha, remove_bad_endings, block_trigrams: see beam_search.
       progress: show a tqdm bar with images/s.
 
     Returns:
       [{"image_id": str, "caption": str, "score": float,
         "top_k": [(caption, score), ...]}] in the order the batches were decoded.
     """
-    decoder = SplitDecoder(trained, strategy, beam_width=beam_width, length_normalization=length_normalization,
-                           alpha=alpha, remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
+    decoder = SplitDecoder(members, strategy, options)
     return decoder.decode(records_dir, split, max_images=max_images, batch_size=batch_size, progress=progress)[0]
 
 
@@ -385,23 +346,42 @@ def coco_results(results: list[dict]) -> list[dict]:
     return [{"image_id": r["image_id"], "caption": r["caption"]} for r in results]
 
 
-def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: str, split: str,
-                   strategy: tf.distribute.Strategy, output_dir: str, *, beam_width: int = 3,
-                   max_images: int | None = None, batch_size: int | None = None,
-                   length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
-                   block_trigrams: bool = False, use_meteor: bool = True, report_images: int = 10,
-                   progress: bool = True, decoder: SplitDecoder | None = None,
-                   selection: dict | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """Which images of a split are decoded, and how: max_images (None: all), batch_size (None: up to 32
+    per replica), progress (a tqdm bar)."""
+
+    max_images: int | None = None
+    batch_size: int | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """What evaluate_split writes beside the scores: METEOR (use_meteor, ~10 s of JVM), the best and worst
+    report_images images of report.html, and selection (the run's model_dir/best/selection.json, whose val
+    history report.html draws as curves)."""
+
+    use_meteor: bool = True
+    report_images: int = 10
+    selection: dict | None = None
+
+    def __post_init__(self):
+        if isinstance(self.report_images, bool) or not isinstance(self.report_images, int) or self.report_images < 0:
+            raise ConfigError(f"report_images must be an integer >= 0, got {self.report_images!r}.")
+
+
+def evaluate_split(members: Sequence[TrainedModel], records_dir: str, split: str, strategy: tf.distribute.Strategy,
+                   output_dir: str, options: DecodeOptions = DecodeOptions(), images: SplitOptions = SplitOptions(),
+                   report: ReportOptions = ReportOptions()) -> dict:
     """Captions a split, scores it and writes metrics.json, captions.json and report.html to output_dir.
 
-    `trained` may be an ensemble (a list of TrainedModels); `decoder` a SplitDecoder built before (its
-    options are then used). Under a multi-worker strategy every worker must call this; the chief writes the
-    files and returns the summary, the others return {}.
-    selection: the run's model_dir/best/selection.json, whose val history report.html draws as curves.
+    `members` is a list of TrainedModels (several: an ensemble). Under a multi-worker strategy every worker
+    must call this; the chief writes the files and returns the summary, the others return {}.
 
-    Returns the metrics.json content: {"metrics": {name: score}, "split", "num_images", "beam_width",
-    "length_normalization", "alpha", "remove_bad_endings", "block_trigrams", "checkpoint", "step" (lists for
-    an ensemble), "images_per_s" (after the first batch,
+    Returns the metrics.json content: {"metrics": {name: score}, "split", "num_images", the decoding options
+    of a run's eval section (`DecodeOptions.summary`: "beam_width", "length_normalization", ...),
+    "checkpoint", "step" (lists for an ensemble), "images_per_s" (after the first batch,
     which also compiles), "decode_seconds", "first_batch_seconds", "strategy", "replicas",
     "records_dir", "files": {name: path}}. The metrics end with the fractions of captions that end on a
     function word and that are distinct ("bad endings", "distinct captions"); "caption_soundness" holds
@@ -409,23 +389,19 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
     """
     from showtell_dist.evaluation import caption_soundness
     from showtell_dist.evaluation import metrics as coco_metrics
-    from showtell_dist.evaluation import report
+    from showtell_dist.evaluation import report as html_report
 
-    if isinstance(report_images, bool) or not isinstance(report_images, int) or report_images < 0:
-        raise ConfigError(f"report_images must be an integer >= 0, got {report_images!r}.")
     coco_metrics.check_java()  # the PTB tokenizer needs it even without METEOR: fail before decoding
-    decoder = decoder or SplitDecoder(trained, strategy, beam_width=beam_width,
-                                      length_normalization=length_normalization, alpha=alpha,
-                                      remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
-    results, timing = decoder.decode(records_dir, split, max_images=max_images, batch_size=batch_size,
-                                     progress=progress)
+    decoder = SplitDecoder(members, strategy, options)
+    results, timing = decoder.decode(records_dir, split, max_images=images.max_images, batch_size=images.batch_size,
+                                     progress=images.progress)
     members = decoder.members
     if not is_chief(strategy):  # every worker decoded (collectively) and holds the captions; the chief writes
         return {}
     refs = scan_records(records_dir, split, [r["image_id"] for r in results])
     references = {i: e["references"] for i, e in refs.items()}
     corpus, per_image = coco_metrics.score_captions({r["image_id"]: r["caption"] for r in results}, references,
-                                                    use_meteor=use_meteor)
+                                                    use_meteor=report.use_meteor)
     soundness = caption_soundness.caption_soundness(r["caption"] for r in results)
     output_dir = output_dir.rstrip("/")
     tf.io.gfile.makedirs(output_dir)
@@ -435,11 +411,7 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
         "caption_soundness": soundness,
         "split": split,
         "num_images": len(results),
-        "beam_width": beam_width,
-        "length_normalization": length_normalization,
-        "alpha": alpha,
-        "remove_bad_endings": remove_bad_endings,
-        "block_trigrams": block_trigrams,
+        **options.summary(),
         # an ensemble lists its members' checkpoints and steps
         "checkpoint": members[0].checkpoint_path if len(members) == 1 else [m.checkpoint_path for m in members],
         "step": members[0].step if len(members) == 1 else [m.step for m in members],
@@ -453,14 +425,14 @@ def evaluate_split(trained: TrainedModel | Sequence[TrainedModel], records_dir: 
 
     entries = [{**r, "references": references[r["image_id"]], "scores": per_image[r["image_id"]]}
                for r in results]
-    best, worst = report.best_and_worst(entries, report_images)
+    best, worst = html_report.best_and_worst(entries, report.report_images)
     shown = {e["image_id"] for e in best + worst}
     jpegs = {i: e["jpeg"] for i, e in scan_records(records_dir, split, shown, with_jpeg=True).items()
              if "jpeg" in e}
     with tf.io.gfile.GFile(files[REPORT_FILE], "w") as f:
-        stats = report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
+        stats = html_report.caption_statistics({r["image_id"]: r["caption"] for r in results}, references,
                                           vocabulary=members[0].tokenizer.words,
                                           split_words=members[0].tokenizer.split_words)
-        f.write(report.render_report(summary, best, worst, jpegs, selection=selection, statistics=stats))
+        f.write(html_report.render_report(summary, best, worst, jpegs, selection=report.selection, statistics=stats))
     _write_json(files[METRICS_FILE], summary)
     return summary

@@ -6,8 +6,9 @@ import tensorflow as tf
 
 from showtell_dist.data import pipeline
 from showtell_dist.data.records import parse_example, parse_features_example
-from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID, Tokenizer
-from showtell_dist.decoding.beam_search import greedy_decode
+from showtell_dist.data.tokenizer import Tokenizer
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.decoding.options import GREEDY
 
 
 def sample_captions(model, tokenizer: Tokenizer, manifest: dict, spec: pipeline.PipelineSpec,
@@ -23,14 +24,8 @@ def sample_captions(model, tokenizer: Tokenizer, manifest: dict, spec: pipeline.
                         .map(lambda s: parse_features_example(s, dim)))
         inputs = tf.stack([e["features"] for e in examples])
 
-    @tf.function
-    def caption(inputs):
-        features = inputs if dim is not None else model.encode(inputs)
-        state = model.initial_state(features)
-        return greedy_decode(model.decode_step, state, max_len=spec.max_len - 1, start_id=START_ID,
-                             end_id=END_ID, forbidden_ids=(UNK_ID,))
-
-    tokens, _ = caption(inputs)
+    decode = tf.function(build_decoder([model], GREEDY, tokenizer, from_features=dim is not None))
+    tokens = decode(inputs).tokens[:, 0]  # [n, time]
     return [{"image_id": e["image_id"].numpy().decode(), "caption": tokenizer.decode(t),
              "references": [r.decode() for r in e["caption_text"].numpy()]}
             for e, t in zip(examples, tokens.numpy())]

@@ -1,6 +1,6 @@
 """Exports a trained captioner as a SavedModel that captions encoded images.
 
-    export_saved_model(load_trained_model("runs/f8k"), "runs/f8k/export", beam_width=3)
+    export_saved_model([load_trained_model("runs/f8k")], "runs/f8k/export", DecodeOptions(beam_width=3))
 
     # in any process that has TensorFlow (no showtell_dist, no tensorflow_text):
     captioner = tf.saved_model.load("runs/f8k/export")
@@ -10,7 +10,7 @@
 
 Everything runs inside the serving graph: image decoding (JPEG, PNG, GIF's
 first frame, BMP) and resizing as in training, the encoder, beam search (one
-`tf.while_loop`) and detokenisation (a `tf.gather` over the vocabulary, kept
+`tf.while_loop`, decoding/decoder.py's `build_decoder` as everywhere) and detokenisation (a `tf.gather` over the vocabulary, kept
 as a graph constant, then `tf.strings.reduce_join` over a ragged tensor).
 The export needs only core TensorFlow ops, so the loader imports nothing but
 `tensorflow`. It loads with `tf.saved_model.load` and with the session-based
@@ -36,10 +36,9 @@ import tempfile
 
 import tensorflow as tf
 
-from showtell_dist.config_fields import check_positive as _check_positive
-from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import bad_ending_ids_of, beam_search, check_decode_options
-from showtell_dist.decoding.ensemble import ensemble_step
+from showtell_dist.data.tokenizer import END_ID, PAD_ID, START_ID
+from showtell_dist.decoding.decoder import Decoder, build_decoder
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.restore import TrainedModel, check_same_vocabulary
 
@@ -73,26 +72,20 @@ def _detokenize(words: tf.Tensor, tokens: tf.Tensor) -> tf.Tensor:
 
 
 class CaptionModule(tf.Module):
-    """The exported object: the model's variables, the vocabulary and the serving function."""
+    """The exported object: the members' variables, the vocabulary and the serving function."""
 
-    def __init__(self, model, words: list[str], *, beam_width: int, max_len: int, length_normalization: str,
-                 alpha: float = 0.6, ensemble=(), bad_ending_ids=(), block_trigrams: bool = False):
+    def __init__(self, decoder: Decoder, words: list[str]):
         super().__init__(name="captioner")
-        self.model = model
-        self.ensemble = list(ensemble)  # further models whose log-probs are averaged with model's at every step
-        self.bad_ending_ids = tuple(bad_ending_ids)
-        self.block_trigrams = bool(block_trigrams)
-        self.image_size = int(model.image_size)
-        self.vocab_size = len(words)
-        self.beam_width = beam_width
-        self.max_len = max_len
-        self.length_normalization = length_normalization
-        self.alpha = float(alpha)
+        self.model = decoder.members[0]
+        self.ensemble = decoder.members[1:]  # further models whose log-probs are averaged with model's at every step
+        self.decoder = decoder
+        self.image_size = int(self.model.image_size)
+        self.beam_width = decoder.options.beam_width
         self._words = tf.constant(words, tf.string)  # [vocab]
         # Plain attributes for the loader (restored as tf.Variables, read with .numpy()).
         self.words = tf.Variable(self._words, trainable=False, name="words")
-        self.config = {"beam_width": tf.Variable(beam_width, trainable=False, name="beam_width"),
-                       "max_len": tf.Variable(max_len, trainable=False, name="max_len"),
+        self.config = {"beam_width": tf.Variable(self.beam_width, trainable=False, name="beam_width"),
+                       "max_len": tf.Variable(decoder.max_new_tokens, trainable=False, name="max_len"),
                        "image_size": tf.Variable(self.image_size, trainable=False, name="image_size")}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)])
@@ -107,66 +100,37 @@ class CaptionModule(tf.Module):
 
     def caption_pixels(self, pixels: tf.Tensor):
         """[n, size, size, 3] float 0..255 -> BeamSearchResult (the same search the signature runs)."""
-        models = [self.model, *self.ensemble]  # each encoder runs once per image
-        states = [m.initial_state(m.encode(pixels, training=False), training=False) for m in models]
-        step, state = ensemble_step([m.decode_step for m in models], states)
-        return beam_search(step, state, beam_width=self.beam_width, max_len=self.max_len,
-                           start_id=START_ID, end_id=END_ID, vocab_size=self.vocab_size,
-                           forbidden_ids=(START_ID, UNK_ID), length_normalization=self.length_normalization,
-                           alpha=self.alpha, bad_ending_ids=self.bad_ending_ids, block_trigrams=self.block_trigrams)
+        return self.decoder(pixels)
 
 
-def build_caption_module(trained, *, beam_width: int = 3, max_len: int | None = None,
-                         length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
-                         block_trigrams: bool = False) -> CaptionModule:
-    """The module `export_saved_model` saves (also usable in-process); `trained` may be a list (an ensemble)."""
-    members = [trained] if isinstance(trained, TrainedModel) else list(trained)
+def build_caption_module(members, options: DecodeOptions = DecodeOptions()) -> CaptionModule:
+    """The module `export_saved_model` saves (also usable in-process); `members` is a list of TrainedModels
+    (several: an ensemble)."""
+    if isinstance(members, TrainedModel) or not isinstance(members, (list, tuple)) or not members:
+        raise ConfigError("pass a non-empty list of TrainedModels (one model is a list of one).")
     check_same_vocabulary(members)
-    trained, tokenizer = members[0], members[0].tokenizer
-    check_decode_options(beam_width, length_normalization, alpha, remove_bad_endings, block_trigrams)
-    if len({int(m.model.image_size) for m in members}) > 1:
-        raise ConfigError("the ensemble's models see images of different sizes; ensemble models of one image size.")
-    if max_len is None:
-        max_len = tokenizer.max_len - 1  # generated tokens: the words and <end>, not <start>
-    max_len = _check_positive("max_len", max_len)
-    vocab_size = max(int(m.model.logits.units) for m in members)
-    if any(int(m.model.logits.units) != tokenizer.vocab_size for m in members):
-        raise ConfigError(f"the model has {vocab_size} output classes but its vocabulary has "
-                          f"{tokenizer.vocab_size} words: the model_dir's vocab.json does not belong to its "
-                          "checkpoint; restore both from the same training run.")
-    return CaptionModule(trained.model, list(tokenizer.words), beam_width=beam_width, max_len=max_len,
-                         length_normalization=length_normalization, alpha=alpha,
-                         ensemble=[m.model for m in members[1:]],
-                         bad_ending_ids=bad_ending_ids_of(tokenizer.words) if remove_bad_endings else (),
-                         block_trigrams=block_trigrams)
+    tokenizer = members[0].tokenizer
+    return CaptionModule(build_decoder([m.model for m in members], options, tokenizer), list(tokenizer.words))
 
 
-def export_saved_model(trained, export_dir: str, *, beam_width: int = 3, max_len: int | None = None,
-                       length_normalization: str = "average", alpha: float = 0.6, remove_bad_endings: bool = False,
-                       block_trigrams: bool = False) -> None:
-    """Writes a SavedModel of `trained` (a `TrainedModel`, or a list of them: an ensemble) to `export_dir`.
+def export_saved_model(members, export_dir: str, options: DecodeOptions = DecodeOptions()) -> None:
+    """Writes a SavedModel of `members` (a list of `TrainedModel`s; several: an ensemble) to `export_dir`.
 
     Signature "serving_default": images tf.string [None] (encoded JPEG/PNG
     bytes) -> captions tf.string [None, beam_width] (best first) and scores
     float32 [None, beam_width] (descending).
 
     Args:
-      trained: from `showtell_dist.run.restore.load_trained_model`.
+      members: from `showtell_dist.run.restore.load_trained_model` / `load_ensemble`.
       export_dir: output directory; an existing SavedModel there is overwritten.
-      beam_width: captions per image.
-      max_len: maximum generated tokens incl. the end token; default the
-        tokenizer's max_len - 1 (the longest training caption).
-      length_normalization, alpha: "average", "gnmt" (with exponent alpha) or
-        "none" (see beam_search).
-      remove_bad_endings, block_trigrams: see beam_search (baked into the graph).
+      options: how to decode, baked into the graph: beam_width (captions per image), max_new_tokens
+        (default the tokenizer's max_len - 1, the longest training caption), length normalisation and
+        the constraints (see decoding/options.py).
     """
-    module = build_caption_module(trained, beam_width=beam_width, max_len=max_len,
-                                  length_normalization=length_normalization, alpha=alpha,
-                                  remove_bad_endings=remove_bad_endings, block_trigrams=block_trigrams)
-    trained = trained if isinstance(trained, TrainedModel) else list(trained)[0]  # its vocabulary is saved
+    module = build_caption_module(members, options)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_path = os.path.join(tmp, "vocab.json")
-        trained.tokenizer.save(vocab_path)
+        members[0].tokenizer.save(vocab_path)  # the members share it
         module.vocab_file = tf.saved_model.Asset(vocab_path)
         try:
             tf.io.gfile.makedirs(export_dir)

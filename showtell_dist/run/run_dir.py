@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from showtell_dist.config_fields import SELECTABLE_METRICS
 from showtell_dist.config_validation import validate_config
+from showtell_dist.decoding.options import DecodeOptions
 from showtell_dist.errors import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -54,14 +55,9 @@ def _eval_section(config):
     return config.get("eval", None) or {}
 
 
-def eval_options(config) -> dict:
+def eval_options(config) -> DecodeOptions:
     """The decoding options of a run's config (its `eval` section), with defaults for older runs."""
-    section = _eval_section(config)
-    return {"beam_width": section.get("beam_width", 3),
-            "length_normalization": section.get("length_normalization", "average"),
-            "alpha": section.get("alpha", 0.6),
-            "remove_bad_endings": bool(section.get("remove_bad_endings", False)),
-            "block_trigrams": bool(section.get("block_trigrams", False))}
+    return DecodeOptions.from_config(config)
 
 
 def select_metric_of(config) -> str:

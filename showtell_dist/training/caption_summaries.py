@@ -12,9 +12,9 @@ the captions of one image can be followed across a resume):
 (<k> = 00, 01, ... orders them as in the records; images and text have
 different tags because TensorBoard keeps one kind of data per tag.)
 
-The beam captions use the run's decoding settings (eval.beam_width,
-eval.length_normalization, eval.alpha), so they are what the final
-evaluation will write. Over a features cache the model decodes from the
+The beam captions use the run's decoding options (its eval section, every
+one of them, through decoding/decoder.py as evaluation does), so they are what
+the final evaluation will write; the greedy ones are plain greedy decoding. Over a features cache the model decodes from the
 cached features and the pictures come from the image records the cache was
 made from (its manifest's features.source_records, else data.records_dir);
 when neither holds them, only the text is written, and the log says so.
@@ -28,8 +28,8 @@ import tensorflow as tf
 
 from showtell_dist.data import pipeline, records
 from showtell_dist.data.prepare import MANIFEST, load_manifest
-from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import beam_search, check_decode_options, greedy_decode
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.decoding.options import GREEDY
 from showtell_dist.distribute.strategy import is_chief
 from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.run.run_dir import eval_options
@@ -118,8 +118,7 @@ class CaptionSummaries:
             log(f"train.summary_images={n}: the prepared dataset has no val split, so no caption samples are "
                 "written to TensorBoard.")
             return
-        self.options = eval_options(exp.config)
-        check_decode_options(**self.options)  # before step 1, not at the first validation
+        self.options = eval_options(exp.config)  # validated: before step 1, not at the first validation
         data_dir = exp.data_dir  # the current phase's: images from a finetune phase on
         examples = _first_examples(data_dir, exp.manifest, "val", n)
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
@@ -159,20 +158,14 @@ class CaptionSummaries:
         return self._inputs[data_dir]
 
     def _build_decoder(self):
-        model, tokenizer, options = self.exp.model, self.exp.tokenizer, self.options
+        model, tokenizer = self.exp.model, self.exp.tokenizer
+        greedy = build_decoder([model], GREEDY, tokenizer, from_features=True)
+        beam = build_decoder([model], self.options, tokenizer, from_features=True)
 
         @tf.function
         def decode(inputs):  # [n, dim] cached features or [n, size, size, 3] images: one trace each
-            features = inputs if inputs.shape.rank == 2 else model.encode(inputs, training=False)
-            state = model.initial_state(features)
-            greedy, _ = greedy_decode(model.decode_step, state, max_len=tokenizer.max_len - 1, start_id=START_ID,
-                                      end_id=END_ID, forbidden_ids=(UNK_ID, START_ID))  # [n, time]
-            beam = beam_search(model.decode_step, state, beam_width=options["beam_width"],
-                               max_len=tokenizer.max_len - 1, start_id=START_ID, end_id=END_ID,
-                               vocab_size=tokenizer.vocab_size, forbidden_ids=(UNK_ID, START_ID),
-                               length_normalization=options["length_normalization"],
-                               alpha=float(options["alpha"]))
-            return greedy, beam.tokens[:, 0]  # [n, time] each; the best beam
+            features = inputs if inputs.shape.rank == 2 else model.encode(inputs, training=False)  # each image once
+            return greedy(features).tokens[:, 0], beam(features).tokens[:, 0]  # [n, time] each; the best beam
 
         return decode
 
@@ -194,7 +187,7 @@ class CaptionSummaries:
         captions = self.captions(data_dir, manifest)
         if not captions:
             return captions
-        beam = f"beam {self.options['beam_width']}"
+        beam = f"beam {self.options.beam_width}"
         rows = []
         with writer.as_default(step=step):
             for sample, c in zip(self.samples, captions):

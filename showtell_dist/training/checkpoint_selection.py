@@ -2,8 +2,8 @@
 
 The checkpoint with the lowest validation loss is not the one that writes the
 best captions, so a run with `eval.select_metric` set (e.g. "CIDEr-D") decodes
-the validation split every `train.eval_every` steps with the run's beam search
-(`eval.beam_width`, `eval.length_normalization`, `eval.alpha`), scores it and,
+the validation split every `train.eval_every` steps with the run's decoding
+options (its eval section, `run_dir.eval_options`), scores it and,
 when the metric improves, saves that checkpoint into model_dir/best/:
 
   model_dir/best/ckpt-<step>.*       the selected checkpoint (only the latest best is kept)
@@ -34,7 +34,7 @@ class CheckpointSelector:
 
     def __init__(self, exp, strategy: tf.distribute.Strategy, model_dir: str, *, log=print):
         self.metric = select_metric_of(exp.config)
-        self.options = eval_options(exp.config)
+        self.options = eval_options(exp.config)  # validated here, before step 1
         self.exp, self.strategy, self.log = exp, strategy, log
         self.model_dir = model_dir.rstrip("/")
         self.enabled = bool(self.metric)
@@ -42,10 +42,8 @@ class CheckpointSelector:
         self._decoder = None  # SplitDecoder, built at the first evaluation and kept
         if not self.enabled:
             return
-        from showtell_dist.decoding.beam_search import check_decode_options
         from showtell_dist.evaluation.metrics import check_java
 
-        check_decode_options(**self.options)
         if "val" not in exp.manifest["splits"]:
             raise ConfigError(f"eval.select_metric={self.metric!r} needs a val split, but the prepared dataset has "
                               f"{', '.join(sorted(exp.manifest['splits']))}; set --config.eval.select_metric=''.")
@@ -98,7 +96,7 @@ class CheckpointSelector:
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
         trained = TrainedModel(self.exp.model, self.exp.tokenizer, self.exp.config, checkpoint_path="", step=step)
         if self._decoder is None:
-            self._decoder = SplitDecoder(trained, self.strategy, **self.options)
+            self._decoder = SplitDecoder([trained], self.strategy, self.options)
         with self.exp.trainer.evaluation_weights():  # the moving average, when the run keeps one
             results, _ = self._decoder.decode(data_dir, "val", max_images=max_images, progress=False)
         if self._references is None:
@@ -123,18 +121,19 @@ class CheckpointSelector:
         others = ", ".join(f"{m} {100 * corpus[m]:.2f}" for m in ("BLEU-1", "BLEU-4", "CIDEr-D") if m != self.metric)
         verdict = "new best, saved" if improved else f"best {100 * best['value']:.2f} at step {best['step']}"
         (log or self.log)(f"step {step}: val {self.metric} {100 * corpus[self.metric]:.2f} ({others}; "
-                          f"{len(results)} images, beam {self.options['beam_width']}) - {verdict}")
+                          f"{len(results)} images, beam {self.options.beam_width}) - {verdict}")
         return corpus
 
 
 def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split: str = "val",
                       progress: bool = True) -> dict:
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
-    from showtell_dist.evaluation.evaluator import evaluate_split
+    from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
     from showtell_dist.training.phases import data_dir_for
 
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = data_dir_for(trained.config)  # images when the run fine-tuned its encoder
-    return evaluate_split(trained, data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
-                          progress=progress, selection=read_selection(model_dir), **eval_options(trained.config))
+    return evaluate_split([trained], data_dir, split, strategy, f"{model_dir.rstrip('/')}/eval_{split}",
+                          eval_options(trained.config), SplitOptions(progress=progress),
+                          ReportOptions(selection=read_selection(model_dir)))

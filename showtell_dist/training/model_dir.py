@@ -18,6 +18,7 @@ import json
 import tensorflow as tf
 
 from showtell_dist.data.prepare import write_json_atomically
+from showtell_dist.decoding.options import CONFIG_KEYS as DECODE_CONFIG_KEYS, CONFIG_SECTION
 from showtell_dist.errors import ConfigError
 
 # Settings that do not change what is trained.
@@ -27,8 +28,7 @@ OPERATIONAL_KEYS = frozenset({
     "train.steps_per_loop", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.eval_max_images", "train.summary_images", "train.jit_compile", "train.log_every", "demo.num_examples",
     # How validation captions are decoded and which checkpoint is kept: not what is trained.
-    "eval.beam_width", "eval.length_normalization", "eval.alpha", "eval.select_metric",
-    "eval.remove_bad_endings", "eval.block_trigrams",
+    "eval.select_metric", *(f"{CONFIG_SECTION}.{name}" for name in DECODE_CONFIG_KEYS),
 })
 
 

@@ -35,7 +35,8 @@ from typing import Callable
 import tensorflow as tf
 
 from showtell_dist.data.tokenizer import END_ID, START_ID, UNK_ID
-from showtell_dist.decoding.beam_search import greedy_decode
+from showtell_dist.decoding.decoder import build_decoder
+from showtell_dist.decoding.options import GREEDY
 from showtell_dist.decoding.sampling import banned_mask, global_uniforms, sample_captions, sampling_log_probs
 from showtell_dist.errors import ConfigError
 from showtell_dist.config_fields import SCST_BASELINES as BASELINES
@@ -182,8 +183,8 @@ class SelfCriticalTrainer(Trainer):
             baseline = (tf.reduce_sum(per_image, axis=1, keepdims=True) - per_image) / (k - 1)
             baseline = tf.reshape(baseline, [rows])
         else:
-            greedy, _ = greedy_decode(self.model.decode_step, state, max_len=self.max_len, start_id=START_ID,
-                                      end_id=END_ID, forbidden_ids=(START_ID, UNK_ID))  # [B, max_len]
+            greedy = build_decoder([self.model], GREEDY.replace(max_new_tokens=self.max_len),
+                                   from_features=True)(features).tokens[:, 0]  # [B, max_len]
             baseline = tf.repeat(self.reward_fn(greedy, captions), k, axis=0)  # [rows]
         advantage = tf.stop_gradient(rewards - baseline)  # [rows]
 
