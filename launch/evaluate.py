@@ -35,9 +35,10 @@ cli.define_decode_flags()
 
 
 def _default_data_dir(config) -> str:
-    from showtell_dist.data import dataset_dir, feature_cache
+    from showtell_dist.data import dataset_dir
+    from showtell_dist.training.phases import data_dir_for
 
-    data_dir = feature_cache.data_dir_for(config)  # the records once the run has fine-tuned its encoder
+    data_dir = data_dir_for(config)  # the records once the run has fine-tuned its encoder
     if data_dir != config.data.records_dir and dataset_dir.is_prepared(data_dir):
         return data_dir  # the encoder's features, cached: decoding skips the encoder
     return config.data.records_dir
@@ -56,11 +57,11 @@ def main(argv):
         members = cli.load_models(strategy)
         first = members[0]
         records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
-        from showtell_dist.data import feature_cache
         from showtell_dist.data.dataset_dir import load_manifest
+        from showtell_dist.training.phases import check_cache_serves_run
 
         for member in members:  # a features cache cannot serve a run that fine-tuned its encoder
-            feature_cache.check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
+            check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))
         run = RunDir(flags.FLAGS.model_dir[0])
         output_dir = _OUTPUT_DIR.value or run.eval_output(_SPLIT.value, ensemble=len(members) > 1)
         options = cli.decode_options(first.config)

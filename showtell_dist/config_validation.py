@@ -146,7 +146,7 @@ def _phases_have_sections(config: Mapping) -> list[str]:
     if not isinstance(spec, str) or FIELDS["phases"].problem(spec):
         return []
     return [f"phases = {spec!r}: the {name} phase needs a `{PHASE_SECTIONS[name]}` section, which the config lacks"
-            + (f" (add one: c.{name} = configs.{name}.section())" if name in ("scst", "finetune") else "")
+            + (f" (add one: c.{name} = configs.{name}.section())" if PHASE_SECTIONS[name] == name else "")
             for name in dict.fromkeys(p.strip() for p in spec.split(","))
             if not isinstance(config.get(PHASE_SECTIONS[name]), Mapping)]
 
@@ -171,7 +171,8 @@ def _phases_start_from_trained_weights(config: Mapping) -> list[str]:
     names = list(dict.fromkeys(p.strip() for p in spec.split(",")))
     if names[0] not in PHASES_NEEDING_TRAINED_WEIGHTS:
         return []  # the first phase is xe: every later phase starts from its weights
-    in_order = ",".join(["xe"] + [n for n in names if n != "xe"])
+    first = next(n for n in PHASE_SECTIONS if n not in PHASES_NEEDING_TRAINED_WEIGHTS)  # from random weights
+    in_order = ",".join([first] + [n for n in names if n != first])
     return [f"phases = {spec!r}: the {names[0]} phase would start from random weights (no xe phase before it and "
             f"no init_checkpoint); put an xe phase first (--config.phases={in_order}), or start from a trained "
             "run's weights (--config.init_checkpoint=runs/<run>/best, a checkpoint prefix, or a run directory)"]

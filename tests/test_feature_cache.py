@@ -132,6 +132,45 @@ def test_mirrored_caching_gives_the_same_features(cache, tiny_dataset, weights, 
                                      strategy=strategy, batch_size=5, progress=False)
 
 
+def test_a_recache_holds_the_fine_tuned_encoders_features_and_refuses_other_weights(cache, tiny_dataset, weights,
+                                                                                     tmp_path):
+    """A run's re-cache after fine-tuning (training/phases.py): the features of the weights it was given,
+    fingerprinted; a cache of other weights is stale and refused."""
+    from showtell_dist.features.compatibility import (check_features_compatible, check_recache_fits,
+                                                      encoder_fingerprint)
+
+    records_dir, source = tiny_dataset
+    config = _frozen_config(records_dir, weights)
+    tuned = build_encoder("small_cnn", image_size=32, weights=weights)
+    tuned.set_weights([w * 1.1 + 0.01 for w in tuned.get_weights()])  # "fine-tuned": other weights
+    out = str(tmp_path / "recache")
+    origin = builder.FineTunedEncoder(tuned.get_weights(), "runs/x", "runs/x/checkpoints/ckpt-5", 5)
+    manifest = builder.cache_features(records_dir, out, config.model, fine_tuned=origin, batch_size=8,
+                                      progress=False)
+    assert manifest["features"]["fine_tuned"] == {"run": "runs/x", "checkpoint": "runs/x/checkpoints/ckpt-5",
+                                                  "step": 5}
+    assert manifest["features"]["weights"] == "runs/x/checkpoints/ckpt-5"
+    assert manifest["features"]["weights_sha256"] == encoder_fingerprint(tuned.get_weights())
+    images = _examples(records_dir, source, "val", records.parse_example)
+    cached = _examples(out, manifest, "val", lambda s: records.parse_features_example(s, manifest["features"]["dim"]))
+    expected = tuned(tf.stack([pipeline.decode_image(e["jpeg"], 32) for e in images]), training=False).numpy()
+    np.testing.assert_allclose(np.stack([c["features"] for c in cached]), expected, **F16_TOL)
+    original = build_encoder("small_cnn", image_size=32, weights=weights)
+    assert not np.allclose(expected, original(tf.stack([pipeline.decode_image(e["jpeg"], 32) for e in images])),
+                           **F16_TOL)
+    check_recache_fits(manifest, config.model, tuned, out)
+    check_features_compatible(manifest, config.model, out, tuned)  # what decoding from it checks
+    with pytest.raises(ConfigError, match="the cache is stale"):
+        check_features_compatible(manifest, config.model, out, original)
+    with pytest.raises(ConfigError, match="other weights .*the cache is stale; delete .*recache"):
+        check_recache_fits(manifest, config.model, original, out)
+    with pytest.raises(ConfigError, match="not a re-cache of a fine-tuned encoder"):
+        check_recache_fits(cache[1], config.model, original, cache[0])
+    # As a features cache for the config's (not fine-tuned) encoder it is refused as any other cache is.
+    with pytest.raises(ConfigError, match="computed with encoder weights runs/x/checkpoints/ckpt-5"):
+        train_loop.build_experiment(_frozen_config(records_dir, weights, out), tf.distribute.get_strategy())
+
+
 def test_pipelines_yield_features_and_the_same_captions(cache, tiny_dataset, weights):
     out, manifest = cache
     records_dir, source = tiny_dataset

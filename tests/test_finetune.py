@@ -1,6 +1,9 @@
 """The encoder fine-tuning phase: frozen BatchNorm statistics, the encoder's own learning rate, exact resume
 across xe -> finetune, and images (not the features cache) from the phase on."""
 
+import json
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.model.show_and_tell import build_model
 from showtell_dist.training import train_loop
+from showtell_dist.training.phases import check_cache_serves_run, data_dir_for, recache_dir
 from showtell_dist.training.trainer import FineTuneTrainer, encoder_variables
 from tiny_setup import VOCAB, global_batch, tiny_config, mirrored
 
@@ -96,11 +100,18 @@ def test_data_dir_for_and_validation():
     c = tiny_config("records")
     c.data.features_dir = "features"
     c.phases = "xe,finetune,scst"
-    assert feature_cache.data_dir_for(c, "xe") == "features"
-    assert feature_cache.data_dir_for(c, "finetune") == feature_cache.data_dir_for(c, "scst") == "records"
-    assert feature_cache.data_dir_for(c) == "records"  # evaluating the run's checkpoints afterwards
+    assert data_dir_for(c, "xe") == "features"
+    assert data_dir_for(c, "finetune") == data_dir_for(c, "scst") == "records"
+    assert data_dir_for(c) == "records"  # evaluating the run's checkpoints afterwards
+    # Given the run's directory: after the finetune phase, the features re-cached with its encoder.
+    assert data_dir_for(c, "xe", "runs/x") == "features" and data_dir_for(c, "finetune", "runs/x") == "records"
+    assert data_dir_for(c, "scst", "runs/x") == recache_dir("runs/x", "finetune") == "runs/x/features_after_finetune"
+    assert data_dir_for(c, None, "runs/x") == "records"
+    c.data.features_dir = ""  # no features cache: the records after fine-tuning too
+    assert data_dir_for(c, "scst", "runs/x") == "records"
+    c.data.features_dir = "features"
     c.phases = "xe,scst"
-    assert feature_cache.data_dir_for(c) == feature_cache.data_dir_for(c, "scst") == "features"
+    assert data_dir_for(c) == data_dir_for(c, "scst") == data_dir_for(c, "scst", "runs/x") == "features"
 
     config = tiny_config("records").to_dict()
     config["phases"] = "xe,finetune"
@@ -149,7 +160,7 @@ def test_features_then_finetune_reads_images_and_resumes_exactly(run_config, wei
     assert full.data_dir == run_config.data.records_dir
     assert full.manifest is full.manifests[run_config.data.records_dir]
     assert full.manifests[run_config.data.features_dir]["kind"] == feature_cache.KIND
-    assert feature_cache.data_dir_for(run_config) == run_config.data.records_dir  # evaluate_selected, evaluate.py
+    assert data_dir_for(run_config) == run_config.data.records_dir  # evaluate_selected, evaluate.py
     reference = build_encoder("small_cnn", image_size=32, weights=weights)
     for v, r in zip(full.model.encoder.weights, reference.weights):
         moved = not np.array_equal(v.numpy(), r.numpy())
@@ -175,11 +186,11 @@ def test_a_features_cache_cannot_serve_a_fine_tuned_run():
     c = tiny_config("records")
     c.data.features_dir = "features"
     cache, records = {"kind": feature_cache.KIND}, {}
-    feature_cache.check_cache_serves_run(c, "features", cache)  # xe only: the cache is the encoder's
+    check_cache_serves_run(c, "features", cache)  # xe only: the cache is the encoder's
     c.phases = "xe,finetune"
-    feature_cache.check_cache_serves_run(c, "records", records)
+    check_cache_serves_run(c, "records", records)
     with pytest.raises(ConfigError, match="fine-tuned its encoder.*decode from the image records"):
-        feature_cache.check_cache_serves_run(c, "features", cache)
+        check_cache_serves_run(c, "features", cache)
 
 
 def test_an_encoder_trained_since_xe_is_listed_once():
@@ -189,3 +200,82 @@ def test_an_encoder_trained_since_xe_is_listed_once():
     ids = [id(v) for v in trainer.trainable_variables]
     assert len(ids) == len(set(ids)) == len(model.trainable_variables)
     assert {id(v) for v in encoder_variables(model)} <= set(ids)
+
+
+# -- xe -> finetune -> scst over a features cache: the scst phase reads features re-cached after fine-tuning ---
+
+def _recache_config(run_config):
+    from configs import scst
+
+    c = run_config.copy_and_resolve_references()
+    c.phases = "xe,finetune,scst"
+    c.scst = scst.section(steps=2, global_batch_size=8, max_len=6, learning_rate=1e-3)
+    c.train.summary_images = 2
+    c.train.keep_checkpoints = 5
+    return c
+
+
+def _cached_val(data_dir):
+    from showtell_dist.data import records
+    from showtell_dist.data.dataset_dir import load_manifest
+
+    manifest = load_manifest(data_dir)
+    files = [f"{data_dir}/{s['file']}" for s in manifest["splits"]["val"]["shards"]]
+    dim = manifest["features"]["dim"] if "features" in manifest else None
+    parse = records.parse_example if dim is None else (lambda s: records.parse_features_example(s, dim))
+    return manifest, [parse(r) for f in files for r in tf.data.TFRecordDataset(f)]
+
+
+@pytest.mark.slow
+def test_after_fine_tuning_scst_trains_from_features_recached_with_the_fine_tuned_encoder(run_config, tmp_path):
+    from showtell_dist.data import pipeline
+    from showtell_dist.errors import ConfigError
+
+    config = _recache_config(run_config)
+    model_dir = str(tmp_path / "full")
+    logs = []
+    metrics, full = train_loop.train(config, STRATEGY, model_dir, show_progress=False, log=logs.append)
+    assert metrics["step"] == 7 and metrics["phase"] == "scst" and "reward" in metrics
+    recached = recache_dir(model_dir, "finetune")
+    assert full.data_dir == recached and full.manifest["kind"] == feature_cache.KIND  # scst read features
+    assert full.manifest["features"]["fine_tuned"] == {"run": model_dir, "step": 5,
+                                                       "checkpoint": f"{model_dir}/checkpoints/ckpt-5"}
+    assert sum("re-caching" in line for line in logs) == 1, logs
+    # The re-cached features are the fine-tuned encoder's (the scst phase does not move it).
+    _, cached = _cached_val(recached)
+    _, images = _cached_val(config.data.records_dir)
+    expected = full.model.encoder(tf.stack([pipeline.decode_image(e["jpeg"], 32) for e in images]), training=False)
+    np.testing.assert_allclose(np.stack([c["features"] for c in cached]), expected.numpy(), rtol=2e-3, atol=2e-3)
+    _, original = _cached_val(config.data.features_dir)
+    assert not np.allclose(np.stack([c["features"] for c in cached]), np.stack([c["features"] for c in original]),
+                           rtol=2e-3, atol=2e-3)
+
+    # Stopped where fine-tuning ends and resumed: the next invocation re-caches, and ends where the full run does.
+    resumed_dir = str(tmp_path / "resumed")
+    first, _ = train_loop.train(config, STRATEGY, resumed_dir, show_progress=False, stop_at_step=5)
+    assert first["step"] == 5 and not tf.io.gfile.exists(recache_dir(resumed_dir, "finetune"))
+    resumed_metrics, resumed = train_loop.train(config, STRATEGY, resumed_dir, show_progress=False)
+    assert resumed.data_dir == recache_dir(resumed_dir, "finetune")
+    for a, b in zip(_values(full.model.variables), _values(resumed.model.variables)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(resumed_metrics["reward"], metrics["reward"], atol=1e-6)
+
+    # A re-cache of other weights is stale: refused in the middle of the scst phase ...
+    manifest_path = f"{recached}/manifest.json"
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["features"]["weights_sha256"] = "0" * 64
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ConfigError, match="the cache is stale"):
+        train_loop.train(config, STRATEGY, model_dir, show_progress=False)
+    # ... and made again when the phase begins (a run resumed from the end of fine-tuning).
+    for name in os.listdir(f"{model_dir}/checkpoints"):
+        if name.startswith("ckpt-7"):
+            os.remove(f"{model_dir}/checkpoints/{name}")
+    with open(f"{model_dir}/checkpoints/checkpoint", "w") as f:
+        f.write('model_checkpoint_path: "ckpt-5"\nall_model_checkpoint_paths: "ckpt-5"\n')
+    logs = []
+    again, _ = train_loop.train(config, STRATEGY, model_dir, show_progress=False, log=logs.append)
+    assert again["step"] == 7 and sum("re-caching" in line for line in logs) == 1, logs
+    np.testing.assert_allclose(again["reward"], metrics["reward"], atol=1e-6)

@@ -1,5 +1,7 @@
 """Runs of several phases (xe then scst): one step counter, exact resume across the boundary, init_checkpoint."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,7 +10,7 @@ from configs import scst
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.restore import load_trained_model
 from showtell_dist.training import train_loop
-from showtell_dist.training.phases import phase_at, phases_of, total_steps
+from showtell_dist.training.phases import KINDS, SECTIONS, data_dir_for, phase_at, phases_of, total_steps
 from tiny_setup import tiny_config
 
 STRATEGY = tf.distribute.get_strategy()
@@ -79,3 +81,34 @@ def test_init_checkpoint_starts_from_another_runs_weights(tiny_dataset, tiny_tra
     config.init_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="init_checkpoint"):
         train_loop.train(config, STRATEGY, str(tmp_path / "other"), show_progress=False)
+
+
+def test_the_registry_says_each_kinds_rules():
+    from showtell_dist import config_fields
+
+    # The TF-free validation's names (config_fields) are the registry's.
+    assert set(SECTIONS) == set(KINDS) and SECTIONS is config_fields.PHASE_SECTIONS
+    assert set(config_fields.PHASES_NEEDING_TRAINED_WEIGHTS) <= set(KINDS)
+    assert [name for name, kind in KINDS.items() if kind.trains_encoder] == ["finetune"]
+    assert [name for name, kind in KINDS.items() if not kind.caption_buckets] == ["scst"]
+    c = _config("unused")
+    assert [p.kind for p in phases_of(c)] == [KINDS["xe"], KINDS["scst"]]
+    assert "samples per image" in phases_of(c)[1].describe(2)
+
+
+def test_a_new_phase_is_one_registry_entry(tiny_dataset, tmp_path, monkeypatch):
+    """A kind added to KINDS (here cross-entropy again, with its own section) is read, trained and logged."""
+    records, _ = tiny_dataset
+    monkeypatch.setitem(KINDS, "xe_again", dataclasses.replace(KINDS["xe"], name="xe_again",
+                                                               description="cross-entropy, again"))
+    monkeypatch.setitem(SECTIONS, "xe_again", "again")
+    c = tiny_config(records, steps=2, steps_per_loop=1)
+    c.phases = "xe,xe_again"
+    c.again = c.train.copy_and_resolve_references()
+    c.again.steps = 1
+    assert [(p.name, p.start, p.end) for p in phases_of(c)] == [("xe", 0, 2), ("xe_again", 2, 3)]
+    assert data_dir_for(c, "xe_again") == records
+    logs = []
+    metrics, exp = train_loop.train(c, STRATEGY, str(tmp_path / "run"), show_progress=False, log=logs.append)
+    assert metrics["step"] == 3 and metrics["phase"] == "xe_again" and exp.phase.section.steps == 1
+    assert any(line.startswith("phase 2/2 'xe_again': global steps 2..3") for line in logs), logs

@@ -17,7 +17,11 @@ of the layout of dataset_dir.py:
                                           this directory's shard sizes and md5s,
                                           "kind": "features" and a "features"
                                           entry naming the encoder, its weights
-                                          (and their sha256), image size and dim
+                                          (and their sha256), image size and dim;
+                                          a run's re-cache after fine-tuning
+                                          (training/phases.py) names in it the
+                                          run and checkpoint ("fine_tuned") and
+                                          fingerprints the weights themselves
 
 Training and evaluation read a features cache like image records (the input
 pipeline yields `features` instead of `images`; the train and eval steps skip
@@ -66,39 +70,9 @@ def features_dir_of(config) -> str:
 
 
 def data_dir_of(config) -> str:
-    """The directory training and evaluation read: the features cache when configured, else the records."""
+    """The directory training and evaluation read: the features cache when configured, else the records.
+    (A run that fine-tunes its encoder reads the records from then on: training/phases.py data_dir_for.)"""
     return features_dir_of(config) or config.data.records_dir
-
-
-# Phases of a run (training/phases.py) that move the encoder: from their start on, cached features are stale.
-ENCODER_TRAINING_PHASES = ("finetune",)
-
-
-def phase_names(config) -> list[str]:
-    """The names in config.phases, in order (default ["xe"])."""
-    return [n.strip() for n in (config.get("phases", "xe") or "xe").split(",") if n.strip()]
-
-
-def data_dir_for(config, phase: str | None = None) -> str:
-    """The directory a run reads in `phase` (a name in config.phases), or with phase None what
-    evaluates the run's checkpoints afterwards: data_dir_of(config) until a phase that trains the
-    encoder (a "finetune" phase) has begun, the image records (data.records_dir) from then on, since
-    the cached features are those of the encoder before it moved."""
-    names = phase_names(config)
-    if phase is not None and phase in names:
-        names = names[:names.index(phase) + 1]
-    if any(name in ENCODER_TRAINING_PHASES for name in names):
-        return config.data.records_dir
-    return data_dir_of(config)
-
-
-def check_cache_serves_run(config, data_dir: str, manifest: dict) -> None:
-    """Raises ConfigError when `data_dir` is a features cache but the run (config) fine-tuned its
-    encoder: the cache holds the features of the encoder before it moved."""
-    if dataset_dir.manifest_kind(manifest) == KIND and data_dir_for(config) != data_dir_of(config):
-        raise ConfigError(f"{data_dir} is a features cache, but this run fine-tuned its encoder (config.phases="
-                          f"{config.get('phases', '')!r}), so the cached features are stale; decode from the image "
-                          f"records ({config.data.records_dir}).")
 
 
 def check_feature_dim(manifest: dict, model, features_dir: str) -> None:

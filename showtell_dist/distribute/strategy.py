@@ -147,6 +147,11 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
 
 
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns on every worker once all of them reached it (a one-number all-reduce)."""
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.function(lambda: tf.constant(1.0))), axis=None)
+
+
 def require_single_host(strategy: tf.distribute.Strategy, what: str) -> None:
     """Refuses a multi-worker strategy for work one machine must do over the whole data."""
     if isinstance(strategy, tf.distribute.TPUStrategy) or num_workers(strategy) == 1:

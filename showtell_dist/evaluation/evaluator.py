@@ -183,7 +183,7 @@ class SplitDecoder:
         from_features = pipeline.manifest_kind(manifest) == feature_cache.KIND
         if from_features:
             for member in self.members:
-                check_features_compatible(manifest, member.config.model, records_dir)
+                check_features_compatible(manifest, member.config.model, records_dir, member.model.encoder)
                 feature_cache.check_feature_dim(manifest, member.model, records_dir)
         return from_features
 

@@ -2,10 +2,12 @@
 
     manifest = cache_features(records_dir, output_dir, config.model, strategy=strategy)
     ensure_features(config, strategy)   # into config.data.features_dir, when set and not cached yet
+    cache_features(records_dir, output_dir, config.model, fine_tuned=FineTunedEncoder(...))  # a run's re-cache
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import keras
@@ -19,7 +21,7 @@ from showtell_dist.data.dataset_dir import (DOCUMENT_FREQUENCIES, MANIFEST, VOCA
 from showtell_dist.storage.atomic_files import copy_atomically, write_json_atomically
 from showtell_dist.distribute.strategy import require_single_host
 from showtell_dist.errors import ConfigError, DataError
-from showtell_dist.features.compatibility import encoder_image_size, require_weights
+from showtell_dist.features.compatibility import encoder_fingerprint, encoder_image_size, require_weights
 from showtell_dist.model.encoders import build_encoder
 
 
@@ -37,8 +39,19 @@ def _shard_batches(path: str, num_records: int, global_batch: int, image_size: i
     return ds.batch(global_batch, drop_remainder=True).prefetch(2)
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTunedEncoder:
+    """The encoder as a run's fine-tuning left it: its weights (encoder.get_weights() order) and where they are."""
+
+    weights: list  # of numpy arrays
+    run: str  # the run directory
+    checkpoint: str  # the checkpoint holding them
+    step: int
+
+
 def cache_features(records_dir: str, output_dir: str, model_config, *, strategy: tf.distribute.Strategy | None = None,
-                   batch_size: int = 64, splits=None, progress: bool = True) -> dict:
+                   batch_size: int = 64, splits=None, progress: bool = True,
+                   fine_tuned: FineTunedEncoder | None = None) -> dict:
     """Runs `model_config`'s frozen encoder once per image of `records_dir` into a features cache.
 
     Args:
@@ -55,6 +68,11 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
       batch_size: global batch (a multiple of the replicas).
       splits: the splits to cache (default: all of the records).
       progress: show a tqdm bar.
+      fine_tuned: cache the features of these weights instead of
+        model_config.encoder_weights' (a run's re-cache after fine-tuning,
+        training/phases.py). The manifest's "features" then names the run and
+        checkpoint in "fine_tuned", and "weights_sha256" fingerprints the
+        weights themselves (compatibility.encoder_fingerprint).
 
     Returns:
       The cache's manifest (also written to output_dir/manifest.json, last).
@@ -83,16 +101,21 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
     validate(records_dir, source, splits=splits)
 
     image_size = encoder_image_size(model_config)
-    weights = model_config.encoder_weights
-    sha = feature_cache.weights_fingerprint(weights)
+    weights = model_config.encoder_weights if fine_tuned is None else fine_tuned.checkpoint
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")  # features as exact as the encoder computes them
     try:
         with strategy.scope():
-            encoder = build_encoder(model_config.encoder, image_size=image_size, weights=weights)
+            if fine_tuned is None:
+                encoder = build_encoder(model_config.encoder, image_size=image_size, weights=weights)
+            else:
+                encoder = build_encoder(model_config.encoder, image_size=image_size)
+                encoder.set_weights(fine_tuned.weights)
             encoder.trainable = False
     finally:
         keras.mixed_precision.set_global_policy(policy)
+    sha = (feature_cache.weights_fingerprint(weights) if fine_tuned is None
+           else encoder_fingerprint(fine_tuned.weights))
     dim = int(encoder.output_shape[-1])
 
     def replica_fn(b):
@@ -165,7 +188,9 @@ def cache_features(records_dir: str, output_dir: str, model_config, *, strategy:
         kind=feature_cache.KIND,
         features={"encoder": model_config.encoder, "weights": weights, "weights_sha256": sha,
                   "image_size": image_size, "dim": dim, "dtype": feature_cache.DTYPE,
-                  "source_records": records_dir},
+                  "source_records": records_dir,
+                  **({"fine_tuned": {"run": fine_tuned.run, "checkpoint": fine_tuned.checkpoint,
+                                     "step": fine_tuned.step}} if fine_tuned else {})},
     )
     # The manifest is written last: its presence means the cache is complete.
     write_json_atomically(join(output_dir, MANIFEST), manifest)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 from showtell_dist.data import feature_cache, pipeline
 from showtell_dist.data.feature_cache import NO_WEIGHTS
 from showtell_dist.errors import ConfigError
@@ -23,9 +27,15 @@ def require_weights(model_config) -> None:
             ".weights.h5 file (or 'imagenet'), or train from the image records (data.features_dir='').")
 
 
-def check_features_compatible(manifest: dict, model_config, features_dir: str) -> None:
-    """Raises ConfigError unless the features cache `manifest` holds what `model_config`'s encoder computes."""
+def check_features_compatible(manifest: dict, model_config, features_dir: str, encoder=None) -> None:
+    """Raises ConfigError unless the features cache `manifest` holds what `model_config`'s encoder computes.
+
+    encoder: the model's encoder, when it is at hand. A run's re-cache after fine-tuning (a "fine_tuned"
+    entry) fits only an encoder with the weights it was computed with (check_recache_fits)."""
     if pipeline.manifest_kind(manifest) != feature_cache.KIND:
+        return
+    if encoder is not None and manifest["features"].get("fine_tuned"):
+        check_recache_fits(manifest, model_config, encoder, features_dir)
         return
     fix = (f"re-run the caching for this model (python launch/cache_features.py --config=... "
            f"--output_dir={features_dir}, or delete {features_dir} and launch/train.py rebuilds it), "
@@ -48,3 +58,36 @@ def check_features_compatible(manifest: dict, model_config, features_dir: str) -
         raise ConfigError(f"{features_dir} holds features computed with encoder weights {cached['weights']} "
                           f"(sha256 {cached['weights_sha256']}) but model.encoder_weights is "
                           f"{model_config.encoder_weights} (sha256 {sha}): {fix}.")
+
+
+def encoder_fingerprint(weights: list) -> str:
+    """sha256 (hex) of an encoder's weights (encoder.get_weights(): shapes and float32 values, in order)."""
+    digest = hashlib.sha256()
+    for w in weights:
+        w = np.ascontiguousarray(np.asarray(w, np.float32))
+        digest.update(repr(w.shape).encode())
+        digest.update(w.tobytes())
+    return digest.hexdigest()
+
+
+def check_recache_fits(manifest: dict, model_config, encoder, features_dir: str) -> None:
+    """Raises ConfigError unless the features cache `manifest` was computed by model_config's encoder with
+    `encoder`'s current weights (a run's re-cache after fine-tuning: its "weights_sha256" is
+    encoder_fingerprint of them)."""
+    cached = manifest.get("features") or {}
+    origin = cached.get("fine_tuned") or {}
+    fix = f"delete {features_dir} and launch the run again: it re-caches the features with its encoder"
+    if pipeline.manifest_kind(manifest) != feature_cache.KIND or not origin:
+        raise ConfigError(f"{features_dir} is not a re-cache of a fine-tuned encoder (its manifest names no "
+                          f"run and checkpoint): {fix}.")
+    image_size = encoder_image_size(model_config)
+    if cached["encoder"] != model_config.encoder or int(cached["image_size"]) != image_size:
+        raise ConfigError(f"{features_dir} holds features of {cached['encoder']} at {cached['image_size']}x"
+                          f"{cached['image_size']}, but the model's encoder is {model_config.encoder} at "
+                          f"{image_size}x{image_size}: {fix}.")
+    sha = encoder_fingerprint(encoder.get_weights())
+    if cached["weights_sha256"] != sha:
+        raise ConfigError(f"{features_dir} holds features of the encoder of run {origin['run']} at checkpoint "
+                          f"{origin['checkpoint']} (step {origin['step']}, sha256 {cached['weights_sha256'][:12]}), "
+                          f"but this run's encoder now has other weights (sha256 {sha[:12]}): the cache is stale; "
+                          f"{fix}.")

@@ -155,6 +155,10 @@ class RunDir:
             raise ValueError(f"summaries are {SUMMARY_DIRS}, not {kind!r}")
         return self.join(kind)
 
+    def recached_features(self, encoder_phase: str) -> str:
+        """The features re-cached with the encoder as the phase `encoder_phase` (e.g. "finetune") left it."""
+        return self.join(f"features_after_{encoder_phase}")
+
     def eval_output(self, split: str, *, ensemble: bool = False) -> str:
         return self.join(f"eval_{split}" + ("_ensemble" if ensemble else ""))
 

@@ -30,7 +30,7 @@ from showtell_dist.data import dataset_dir, pipeline
 from showtell_dist.decoding.decoder import build_decoder
 from showtell_dist.decoding.options import GREEDY
 from showtell_dist.distribute.strategy import is_chief
-from showtell_dist.errors import ConfigError
+from showtell_dist.errors import ConfigError, DataError
 from showtell_dist.run.run_dir import eval_options
 
 IMAGE_TAG = "val_images"
@@ -45,6 +45,13 @@ def summary_images_of(config) -> int:
         raise ConfigError(f"train.summary_images must be an integer >= 0 (0 turns the TensorBoard caption "
                           f"samples off), got {n!r}.")
     return n
+
+
+def _decoder_inputs(examples: list[dict], manifest: dict, image_size: int) -> tf.Tensor:
+    """[n, dim] cached features, or [n, size, size, 3] decoded images."""
+    if pipeline.feature_dim(manifest) is not None:
+        return tf.stack([e["features"] for e in examples])
+    return tf.stack([pipeline.decode_image(e["jpeg"], image_size) for e in examples])
 
 
 def _image_records_of(config, manifest: dict) -> list[str]:
@@ -91,8 +98,9 @@ class CaptionSummaries:
                     for e in dataset_dir.first_examples(data_dir, exp.manifest, "val", n)]
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
         ids = [e["image_id"].decode("utf-8") for e in examples]
+        self.inputs = _decoder_inputs(examples, exp.manifest, exp.model.image_size)
+        self._inputs = {data_dir: self.inputs}  # data dir -> its decoder inputs: a later phase may read another
         if self.from_features:
-            self.inputs = tf.stack([e["features"] for e in examples])  # [n, dim]
             sources = _image_records_of(exp.config, exp.manifest)
             source = next((s for s in sources if dataset_dir.is_prepared(s)), None)
             found = dataset_dir.read_examples(source, "val", ids, with_jpeg=True) if source else {}
@@ -104,8 +112,6 @@ class CaptionSummaries:
                     "are written without the picture.")
         else:
             jpegs = {i: e["jpeg"] for i, e in zip(ids, examples)}
-            size = exp.model.image_size
-            self.inputs = tf.stack([pipeline.decode_image(e["jpeg"], size) for e in examples])  # [n, size, size, 3]
         self.samples = [{"image_id": i, "tag": _tag_suffix(k, i), "jpeg": jpegs.get(i),
                          "references": [r.decode("utf-8") for r in e["caption_text"]]}
                         for k, (i, e) in enumerate(zip(ids, examples))]
@@ -115,31 +121,46 @@ class CaptionSummaries:
     def image_ids(self) -> list[str]:
         return [s["image_id"] for s in self.samples]
 
+    def _inputs_of(self, data_dir: str | None, manifest: dict | None) -> tf.Tensor:
+        """The samples' decoder inputs from `data_dir` (a phase's data: its images or cached features; default
+        the experiment's when this was built), read once per directory."""
+        data_dir = data_dir or self.exp.data_dir
+        if data_dir not in self._inputs:
+            examples = _first_examples(data_dir, manifest, "val", len(self.samples))
+            if [e["image_id"].decode("utf-8") for e in examples] != self.image_ids:
+                raise DataError(f"the first val images of {data_dir} are not those of the run's other data "
+                                f"({', '.join(self.image_ids)}): prepare or cache it from the same records.")
+            self._inputs[data_dir] = _decoder_inputs(examples, manifest, self.exp.model.image_size)
+        return self._inputs[data_dir]
+
     def _build_decoder(self):
-        model, tokenizer, from_features = self.exp.model, self.exp.tokenizer, self.from_features
+        model, tokenizer = self.exp.model, self.exp.tokenizer
         greedy = build_decoder([model], GREEDY, tokenizer, from_features=True)
         beam = build_decoder([model], self.options, tokenizer, from_features=True)
 
         @tf.function
-        def decode(inputs):
-            features = inputs if from_features else model.encode(inputs, training=False)  # each image once
+        def decode(inputs):  # [n, dim] cached features or [n, size, size, 3] images: one trace each
+            features = inputs if inputs.shape.rank == 2 else model.encode(inputs, training=False)  # each image once
             return greedy(features).tokens[:, 0], beam(features).tokens[:, 0]  # [n, time] each; the best beam
 
         return decode
 
-    def captions(self) -> list[dict]:
-        """The samples' current captions: [{"image_id", "greedy", "beam", "references"}]."""
+    def captions(self, data_dir: str | None = None, manifest: dict | None = None) -> list[dict]:
+        """The samples' current captions: [{"image_id", "greedy", "beam", "references"}], decoded from
+        data_dir (the current phase's data, with its manifest; default the data this was built with)."""
         if not self.samples:
             return []
+        inputs = self._inputs_of(data_dir, manifest)
         with self.exp.trainer.evaluation_weights():  # the weights the evaluations score
-            greedy, beam = self._decode(self.inputs)
+            greedy, beam = self._decode(inputs)
         decode = self.exp.tokenizer.decode
         return [{"image_id": s["image_id"], "greedy": decode(g), "beam": decode(b), "references": s["references"]}
                 for s, g, b in zip(self.samples, greedy.numpy(), beam.numpy())]
 
-    def __call__(self, writer, step: int) -> list[dict]:
-        """Decodes the samples with the current weights and writes their summaries at `step`."""
-        captions = self.captions()
+    def __call__(self, writer, step: int, data_dir: str | None = None, manifest: dict | None = None) -> list[dict]:
+        """Decodes the samples with the current weights (from data_dir: see `captions`) and writes their
+        summaries at `step`."""
+        captions = self.captions(data_dir, manifest)
         if not captions:
             return captions
         beam = f"beam {self.options.beam_width}"

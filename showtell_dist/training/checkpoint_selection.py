@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from showtell_dist.distribute.strategy import is_chief, num_workers
+from showtell_dist.distribute.strategy import barrier, is_chief, num_workers
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.run_dir import RunDir, eval_options, select_metric_of
 
@@ -74,9 +74,10 @@ class CheckpointSelector:
     def best(self) -> dict | None:
         return self.selection["best"] if self.enabled else None
 
-    def __call__(self, step: int, log=None, phase: str = "xe") -> dict | None:
+    def __call__(self, step: int, log=None, *, phase: str, data_dir: str | None = None) -> dict | None:
         """Scores the current weights on val; saves them into best/ when they beat the best so far.
-        phase: the run's phase at `step` (training/phases.py), recorded with the scores."""
+        phase: the name of the run's phase at `step` (training/phases.py), recorded with the scores.
+        data_dir: what that phase reads (phases.data_dir_for; default the experiment's current data)."""
         if not self.enabled:
             return None
         done = [h["metrics"] for h in self.selection["history"] if h["step"] == step]
@@ -87,7 +88,7 @@ class CheckpointSelector:
         from showtell_dist.evaluation.metrics import score_captions
         from showtell_dist.run.restore import TrainedModel
 
-        data_dir = self.exp.data_dir  # the current phase's: images from a finetune phase on
+        data_dir = data_dir or self.exp.data_dir  # the phase's: images in a finetune phase
         max_images = self.exp.config.train.get("eval_max_images", 0) or None
         trained = TrainedModel(self.exp.model, self.exp.tokenizer, self.exp.config, checkpoint_path="", step=step)
         if self._decoder is None:
@@ -109,7 +110,7 @@ class CheckpointSelector:
         if self.chief:
             self.run.write_selection(self.selection)
         if num_workers(self.strategy) > 1:
-            _barrier(self.strategy)  # the other workers go on once selection.json is written
+            barrier(self.strategy)  # the other workers go on once selection.json is written
         best = self.selection["best"]
         others = ", ".join(f"{m} {100 * corpus[m]:.2f}" for m in ("BLEU-1", "BLEU-4", "CIDEr-D") if m != self.metric)
         verdict = "new best, saved" if improved else f"best {100 * best['value']:.2f} at step {best['step']}"
@@ -118,21 +119,16 @@ class CheckpointSelector:
         return corpus
 
 
-def _barrier(strategy: tf.distribute.Strategy) -> None:
-    """Returns on every worker once all of them reached it (a one-number all-reduce)."""
-    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.function(lambda: tf.constant(1.0))), axis=None)
-
-
 def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split: str = "val",
                       progress: bool = True) -> dict:
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
     run = RunDir(model_dir)
-    from showtell_dist.data import feature_cache
     from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
+    from showtell_dist.training.phases import data_dir_for
 
     trained = load_trained_model(model_dir, "best", strategy)
-    data_dir = feature_cache.data_dir_for(trained.config)  # images when the run fine-tuned its encoder
+    data_dir = data_dir_for(trained.config)  # images when the run fine-tuned its encoder
     return evaluate_split([trained], data_dir, split, strategy, run.eval_output(split),
                           eval_options(trained.config), SplitOptions(progress=progress),
                           ReportOptions(selection=run.read_selection()))

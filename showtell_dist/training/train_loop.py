@@ -1,22 +1,25 @@
-"""The training controller: checkpoints, resume, summaries, progress, evaluation.
+"""The training controller: it runs a run's phases and fires actions between host loops.
 
 `train(config, strategy, model_dir)` restores the latest checkpoint of
 model_dir if there is one (model, optimizer state, step), continues the input
 stream where it stopped, runs `steps_per_loop` steps per host call, writes
-tf.summary scalars, saves checkpoints every `checkpoint_every` steps, on
-SIGTERM and at the end, and evaluates the validation loss every `eval_every`
-steps and at the end. With eval.select_metric set it also captions the
-validation split then and keeps the best-scoring checkpoint in model_dir/best
-(checkpoint_selection.py).
+tf.summary scalars, and fires the actions of actions.py: it saves checkpoints
+every `checkpoint_every` steps, on SIGTERM and at the end, and evaluates the
+validation loss every `eval_every` steps and at the end. With eval.select_metric
+set it also captions the validation split then and keeps the best-scoring
+checkpoint in model_dir/best (checkpoint_selection.py).
 
 A run may chain phases (phases.py): config.phases = "xe,finetune,scst" trains
 with cross-entropy (config.train), then with the encoder fine-tuned
 (config.finetune), then self-critically (config.scst), in one global step
 counter, a new optimizer per phase, and selection across all. Each phase reads
-feature_cache.data_dir_for(config, phase): from a finetune phase on, the image
-records, for training, validation, selection and caption samples alike.
-config.init_checkpoint starts a new run from another run's weights (e.g.
-runs/x/best).
+phases.data_dir_for(config, phase, model_dir): in a finetune phase the image
+records, for training, validation, selection and caption samples alike. When
+a features cache is configured, the phases after a finetune phase read the
+features re-cached with the fine-tuned encoder (`enter_phase` makes them when
+the phase begins, into model_dir; features/builder.py), so they train from
+features again. config.init_checkpoint starts a new run from another run's
+weights (e.g. runs/x/best).
 """
 
 from __future__ import annotations
@@ -27,21 +30,23 @@ import time
 
 import keras
 import tensorflow as tf
-from tqdm import tqdm
 
 from showtell_dist.data import feature_cache, pipeline
-from showtell_dist.data.dataset_dir import load_manifest, validate, vocabulary_path
+from showtell_dist.data.dataset_dir import is_prepared, load_manifest, validate, vocabulary_path
 from showtell_dist.data.tokenizer import Tokenizer
 from showtell_dist.distribute.precision import (cpu_has_fast_bf16, device_kind, resolve_precision,
                                                 resolve_use_cudnn)
-from showtell_dist.distribute.strategy import is_chief, num_workers
-from showtell_dist.errors import ConfigError
-from showtell_dist.features.compatibility import check_features_compatible
+from showtell_dist.distribute.strategy import barrier, is_chief, num_workers
+from showtell_dist.errors import ConfigError, UserError
+from showtell_dist.features.builder import FineTunedEncoder, cache_features
+from showtell_dist.features.compatibility import check_features_compatible, check_recache_fits
 from showtell_dist.model.show_and_tell import ShowAndTell, build_model
+from showtell_dist.training import actions
 from showtell_dist.training.caption_summaries import CaptionSummaries
 from showtell_dist.run.run_dir import RunDir, checkpoint_at
 from showtell_dist.training.checkpoint_selection import CheckpointSelector
-from showtell_dist.training.phases import Phase, phase_at, phases_of
+from showtell_dist.training.phases import (Phase, TrainerSetup, data_dir_for, phase_at, phases_of,
+                                           recached_after)
 from showtell_dist.training.preemption import PreemptionWatcher
 from showtell_dist.training.trainer import RunState, Trainer
 from showtell_dist.training.weight_average import make_average_variables
@@ -59,8 +64,9 @@ class Experiment:
     checkpoint: tf.train.Checkpoint
     phase: Phase
     run_state: RunState
-    data_dir: str  # what the current phase reads: feature_cache.data_dir_for(config, phase.name)
+    data_dir: str  # what the current phase reads: phases.data_dir_for(config, phase.name, model_dir)
     manifests: dict = dataclasses.field(default_factory=dict)  # data dir -> its manifest, loaded once
+    model_dir: str | None = None  # the run's (where re-cached features go); None outside train()
 
     def read(self, data_dir: str) -> None:
         """Makes `data_dir` (the current phase's data) the experiment's data: its manifest too."""
@@ -72,68 +78,94 @@ class Experiment:
 def pipeline_spec(config, manifest: dict, split: str, phase: Phase | None = None,
                   data_dir: str | None = None) -> pipeline.PipelineSpec:
     """The input of `split`; for training, that of `phase` (its batch size; its own shuffle seed; its
-    data: feature_cache.data_dir_for). data_dir: the directory `manifest` describes, default that of
+    data: phases.data_dir_for). data_dir: the directory `manifest` describes, default that of
     `phase` (of the first phase without one)."""
     batch = phase.section.global_batch_size if phase else config.train.global_batch_size
     if data_dir is None:
-        data_dir = feature_cache.data_dir_for(config, phase.name if phase else feature_cache.phase_names(config)[0])
+        data_dir = data_dir_for(config, (phase or phases_of(config)[0]).name)
     return pipeline.PipelineSpec(
         data_dir=data_dir, split=split, image_size=config.model.image_size,
         captions_per_image=config.data.captions_per_image, max_len=manifest["max_len"],
         global_batch_size=batch, seed=config.train.seed + (phase.index if phase else 0),
         shuffle_buffer=config.data.shuffle_buffer,
-        # Teacher forcing runs over each batch's own caption bucket; self-critical steps take the references
-        # at the static max_len.
+        # Teacher forcing runs over each batch's own caption bucket; a kind without caption buckets
+        # (self-critical steps) takes the references at the static max_len.
         caption_buckets=(pipeline.caption_buckets(manifest["max_len"], config.data.get("caption_buckets", 0))
-                         if phase is None or phase.name in ("xe", "finetune") else ()),
+                         if phase is None or phase.kind.caption_buckets else ()),
         deterministic=config.data.get("deterministic_input", True))
 
 
 def build_trainer(config, manifest: dict, phase: Phase, strategy: tf.distribute.Strategy, model,
                   run_state: RunState, log=print) -> Trainer:
-    """The trainer of a phase: a new optimizer over the run's model, step and weight average."""
+    """The trainer of a phase (its kind's): a new optimizer over the run's model, step and weight average."""
     policy = keras.mixed_precision.global_policy().name  # set by build_experiment (resolve_precision)
-    common = dict(mixed_precision=None if policy == "float32" else policy, jit_compile=config.train.jit_compile,
-                  run_state=run_state, seed=config.train.seed)
-    if phase.name == "xe":
-        return Trainer(strategy, model, config.train, **common)
-    if phase.name == "finetune":
-        from showtell_dist.training.trainer import FineTuneTrainer
-
-        return FineTuneTrainer(strategy, model, phase.section, **common)
-    from showtell_dist.training.self_critical import build_self_critical_trainer
-
-    # The train split's references: the reward of the dataset the run trains from (records or features).
-    reward_dir = feature_cache.data_dir_of(config)
-    return build_self_critical_trainer(strategy, model, phase.section, reward_dir, load_manifest(reward_dir), log,
-                                       **common)
+    options = dict(mixed_precision=None if policy == "float32" else policy, jit_compile=config.train.jit_compile,
+                   run_state=run_state, seed=config.train.seed)
+    return phase.kind.build_trainer(TrainerSetup(strategy, model, phase.section, config, manifest, options, log))
 
 
 def start_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, log=print) -> None:
-    """Makes `phase` the experiment's current phase: its trainer, and its optimizer in the checkpoint."""
+    """Makes `phase` the experiment's current phase: its trainer, and its optimizer in the checkpoint.
+    (Its data: enter_phase, once the weights it starts from are restored.)"""
     if phase is exp.phase:
         return
     exp.trainer = build_trainer(exp.config, exp.manifest, phase, strategy, exp.model, exp.run_state, log)
     exp.checkpoint.optimizer = exp.trainer.optimizer
     exp.phase = phase
-    exp.read(feature_cache.data_dir_for(exp.config, phase.name))
 
 
-def _describe(phase: Phase, num_phases: int) -> str:
-    s = phase.section
-    text = (f"phase {phase.index + 1}/{num_phases} '{phase.name}': global steps {phase.start}..{phase.end} "
-            f"({phase.steps} steps of {s.global_batch_size} images), learning rate {s.learning_rate:g} "
-            f"(warm-up {s.warmup_steps}, final ratio {s.final_lr_ratio:g}), new optimizer")
-    if phase.name == "finetune":
-        text += (f"; the encoder trains too, at learning rate {s.encoder_learning_rate:g} (BatchNorm statistics "
-                 f"frozen), from the image records")
-    if phase.name == "scst":
-        text += (f"; {s.samples_per_image} samples per image up to {s.max_len} tokens, baseline {s.baseline}, "
-                 f"temperature {s.temperature:g}, dropout {'on' if s.dropout else 'off'}, xe_weight {s.xe_weight:g}")
-    return text
+def enter_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy, step: int, log=print) -> None:
+    """Makes `phase`, at global step `step` (its start, or where a resumed run stands in it), the
+    experiment's current phase, with its data.
+
+    A phase after a finetune phase of a run with a features cache reads the features re-cached with the
+    fine-tuned encoder (phases.recache_dir). When the phase begins they are made, unless the run directory
+    holds them already for the encoder's current weights; a resumed phase makes them only when they are
+    missing, and refuses a cache of other weights (stale)."""
+    data_dir = data_dir_for(exp.config, phase.name, exp.model_dir)
+    if phase is exp.phase and data_dir == exp.data_dir:
+        return
+    start_phase(exp, phase, strategy, log)
+    if recached_after(exp.config, phase.name) and exp.model_dir:
+        _ensure_recached(exp, data_dir, strategy, step, at_start=step == phase.start, log=log)
+    exp.read(data_dir)
 
 
-def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
+def _recache_fits(exp: Experiment, data_dir: str) -> bool:
+    try:
+        check_recache_fits(load_manifest(data_dir), exp.config.model, exp.model.encoder, data_dir)
+        return True
+    except UserError:  # stale, or an unreadable manifest
+        return False
+
+
+def _ensure_recached(exp: Experiment, data_dir: str, strategy, step: int, *, at_start: bool, log) -> None:
+    """Re-caches the features of config.data.records_dir with the model's (fine-tuned) encoder into
+    data_dir, when missing or, at the phase's start, of other weights; then checks them. Under MultiWorker
+    the chief writes them and the others wait for it."""
+    exists = is_prepared(data_dir)
+    if is_chief(strategy) and (not exists or (at_start and not _recache_fits(exp, data_dir))):
+        config = exp.config
+        checkpoint = RunDir(exp.model_dir).latest_checkpoint() or ""
+        log(f"re-caching the {config.model.encoder} features of {config.data.records_dir} with the encoder "
+            f"fine-tuned up to step {step} ({checkpoint}) into {data_dir} ...")
+        several = num_workers(strategy) > 1 and not isinstance(strategy, tf.distribute.TPUStrategy)
+        local = None if several else strategy  # several workers: the chief's own device
+        exp.manifests.pop(data_dir, None)
+        cache_features(config.data.records_dir, data_dir, config.model, strategy=local, progress=False,
+                       fine_tuned=FineTunedEncoder(exp.model.encoder.get_weights(), exp.model_dir, checkpoint, step))
+    if num_workers(strategy) > 1:
+        barrier(strategy)  # the other workers read the cache once the chief has written it
+    manifest = load_manifest(data_dir)
+    check_recache_fits(manifest, exp.config.model, exp.model.encoder, data_dir)  # stale: refused
+    feature_cache.check_feature_dim(manifest, exp.model, data_dir)
+    validate(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+    exp.manifests[data_dir] = manifest
+
+
+def build_experiment(config, strategy: tf.distribute.Strategy, model_dir: str | None = None) -> Experiment:
+    """model_dir: the run's, where features re-cached after a finetune phase go (checked when a phase reads
+    them: enter_phase)."""
     # Precision and LSTM kernel per device kind (distribute/precision.py): bf16 on TPUs, no cuDNN under XLA.
     kind = device_kind(strategy)
     policy = resolve_precision(config.train.mixed_precision, kind,
@@ -144,10 +176,10 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
             raise ConfigError(f"{phase.name} phase: global_batch_size {phase.section.global_batch_size} is not "
                               f"divisible by the {strategy.num_replicas_in_sync} replicas of the strategy.")
     # Image records, or the encoder's features cached from them (config.data.features_dir); the
-    # records from a finetune phase on (feature_cache.data_dir_for).
-    data_dir = feature_cache.data_dir_for(config, phases[0].name)
+    # records from a finetune phase on (phases.data_dir_for), re-cached features after it.
+    data_dir = data_dir_for(config, phases[0].name)
     manifests = {}
-    for phase_data_dir in dict.fromkeys(feature_cache.data_dir_for(config, p.name) for p in phases):
+    for phase_data_dir in dict.fromkeys(data_dir_for(config, p.name) for p in phases):
         manifest = manifests[phase_data_dir] = load_manifest(phase_data_dir)
         check_features_compatible(manifest, config.model, phase_data_dir)
         # A missing, extra or truncated shard stops here, before step 1, not mid-epoch (or mid-run).
@@ -170,7 +202,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy) -> Experiment:
     # Dropout is stateless (seeded by step and replica): the step is all a resume needs of it.
     checkpoint = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer, step=run_state.step, **extra)
     return Experiment(config, manifest, tokenizer, model, trainer, checkpoint, phases[0], run_state, data_dir,
-                      manifests)
+                      manifests, model_dir)
 
 
 def _weights_checkpoint(exp: Experiment) -> tf.train.Checkpoint:
@@ -210,7 +242,7 @@ def load_init_checkpoint(exp: Experiment, path: str, log=print) -> None:
 
 
 def _restore(exp: Experiment, phases: list[Phase], prefix: str, strategy, log) -> None:
-    """Restores a checkpoint of this run into the phase it belongs to."""
+    """Restores a checkpoint of this run into the phase it belongs to (its trainer; its data: enter_phase)."""
     step = int(tf.train.load_variable(prefix, "step/.ATTRIBUTES/VARIABLE_VALUE"))
     phase = phase_at(phases, step)
     start_phase(exp, phase, strategy, log)
@@ -228,11 +260,25 @@ def _save(manager: tf.train.CheckpointManager, step: int, scratch_dir: str | Non
 
 
 def evaluate_loss(exp: Experiment, strategy, split: str, max_images: int | None = None) -> dict:
-    spec = pipeline_spec(exp.config, exp.manifest, split, data_dir=exp.data_dir)
-    dataset = strategy.distribute_datasets_from_function(
-        pipeline.eval_input_fn(exp.manifest, spec, max_images=max_images))
-    steps = pipeline.eval_steps(exp.manifest, spec, num_workers(strategy), max_images)
-    return exp.trainer.evaluate(iter(dataset), steps)
+    return _loss_on(exp.config, exp.trainer, exp.data_dir, exp.manifest, strategy, split, max_images)
+
+
+def _loss_on(config, trainer: Trainer, data_dir: str, manifest: dict, strategy, split: str,
+             max_images: int | None = None) -> dict:
+    spec = pipeline_spec(config, manifest, split, data_dir=data_dir)
+    dataset = strategy.distribute_datasets_from_function(pipeline.eval_input_fn(manifest, spec, max_images=max_images))
+    steps = pipeline.eval_steps(manifest, spec, num_workers(strategy), max_images)
+    return trainer.evaluate(iter(dataset), steps)
+
+
+def _validation_loss(config, strategy):
+    """measure(boundary) of actions.ValidationLoss: with the moving average of the weights, when kept."""
+    def measure(b: actions.Boundary) -> dict:
+        with b.trainer.evaluation_weights():
+            return _loss_on(config, b.trainer, b.data_dir, b.manifest, strategy, "val",
+                            config.train.eval_max_images or None)
+
+    return measure
 
 
 def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_progress: bool = True,
@@ -243,7 +289,7 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
       config.train.steps; a later call resumes from there. For time-sliced jobs.
     """
     chief = is_chief(strategy)
-    exp = build_experiment(config, strategy)
+    exp = build_experiment(config, strategy, model_dir)
     run = RunDir(model_dir)
     run.prepare_for_training(json.loads(config.to_json()), exp.tokenizer.to_json(), write=chief)
     # Other workers save too (the save is collective), into a scratch dir they delete right after (_save).
@@ -258,87 +304,62 @@ def train(config, strategy: tf.distribute.Strategy, model_dir: str, *, show_prog
         log(f"resumed from {latest} at step {exp.trainer.current_step()} ({exp.phase.name} phase)")
     elif config.get("init_checkpoint", ""):
         load_init_checkpoint(exp, config.init_checkpoint, log)
-    start = exp.trainer.current_step()
-    selector.resume_at(start)
-    caption_samples = CaptionSummaries(exp, strategy, log=log)  # val images + captions in TensorBoard
+    step = exp.trainer.current_step()
+    selector.resume_at(step)
     total = phases[-1].end
-    writer = tf.summary.create_file_writer(run.summaries("train")) if chief else tf.summary.create_noop_writer()
-    eval_writer = tf.summary.create_file_writer(run.summaries("eval")) if chief else tf.summary.create_noop_writer()
-    metrics: dict = {"step": start}
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (chief and show_progress),
-               mininterval=2.0, dynamic_ncols=True)
-
-    def loop_log(message: str) -> None:
-        if bar.disable:
-            log(message)
-        else:
-            bar.write(message)  # above the progress bar, which stays intact
-
-    step = start
     end = min(total, stop_at_step) if stop_at_step else total
+    record = actions.RunRecord(model_dir, chief=chief, show_progress=show_progress, start=step, total=total, log=log)
+    enter_phase(exp, phase_at(phases, step), strategy, step, record.log)
+    save = actions.SaveCheckpoint(lambda at: _save(manager, at, scratch_dir), config.train.checkpoint_every)
+    every_eval = config.train.eval_every
+    evaluations = [actions.ValidationLoss(_validation_loss(config, strategy), record, every_eval),
+                   actions.SelectCheckpoint(selector, record, every_eval),
+                   # val images + captions in TensorBoard
+                   actions.CaptionSamples(CaptionSummaries(exp, strategy, log=log), record, every_eval)]
+    every = [a.every for a in (save, *evaluations) if a.every]
+
+    def boundary(preempted: bool = False) -> actions.Boundary:
+        return actions.Boundary(step, exp.phase, exp.trainer, exp.data_dir, exp.manifest,
+                                phase_end=step == exp.phase.end, run_end=step == total,
+                                stop=step == end or preempted, preempted=preempted)
+
+    if step == total:  # a finished run launched again: evaluated at its end again (selection keeps its scores)
+        _fire(evaluations, boundary())
     iterator = None
     with PreemptionWatcher(strategy) as preemption:
         while step < end:
             if iterator is None or step == exp.phase.end:
-                # A phase starts (or resumes): its trainer, and its input stream where it left off.
-                data_dir = exp.data_dir
-                start_phase(exp, phase_at(phases, step), strategy, loop_log)
-                if exp.data_dir != data_dir:  # a finetune phase begins: the samples are captioned from images
-                    caption_samples = CaptionSummaries(exp, strategy, log=loop_log)
+                # A phase starts (or resumes): its trainer and data, and its input stream where it left off.
+                enter_phase(exp, phase_at(phases, step), strategy, step, record.log)
                 if len(phases) > 1:
-                    loop_log(_describe(exp.phase, len(phases)) + (f"; resumed at step {step}"
+                    record.log(exp.phase.describe(len(phases)) + (f"; resumed at step {step}"
                                                                   if step > exp.phase.start else ""))
                 spec = pipeline_spec(config, exp.manifest, "train", exp.phase, exp.data_dir)
                 iterator = iter(strategy.distribute_datasets_from_function(
                     pipeline.train_input_fn(exp.manifest, spec, step - exp.phase.start)))
-                batch_images = spec.global_batch_size
-            n = min(config.train.steps_per_loop, end - step, exp.phase.end - step)
-            if config.train.checkpoint_every:
-                n = min(n, config.train.checkpoint_every - step % config.train.checkpoint_every)
-            if config.train.eval_every:
-                n = min(n, config.train.eval_every - step % config.train.eval_every)
+            n = min([config.train.steps_per_loop, end - step, exp.phase.end - step]
+                    + [e - step % e for e in every])  # a loop ends where an action fires
             t0 = time.perf_counter()
             m = exp.trainer.train_loop(iterator, n)
             elapsed = time.perf_counter() - t0
             step += n
-            lr = exp.trainer.learning_rate()
-            # xe: loss (per token), perplexity; scst: loss and reward per sample, sample_length, ...
-            metrics.update(m, step=step, phase=exp.phase.name, learning_rate=lr,
-                           images_per_s=n * batch_images / elapsed)
-            with writer.as_default(step=step):
-                for name, value in m.items():
-                    tf.summary.scalar(name, value)
-                tf.summary.scalar("learning_rate", lr)
-                tf.summary.scalar("images_per_s", metrics["images_per_s"])
-            bar.update(n)
-            postfix = {"loss": f"{m['loss']:.3f}", "lr": f"{lr:.2e}", "img_s": f"{metrics['images_per_s']:.0f}"}
-            if "reward" in m:
-                postfix["reward"] = f"{m['reward']:.3f}"
-            bar.set_postfix(**postfix)
-            at_checkpoint = config.train.checkpoint_every and step % config.train.checkpoint_every == 0
+            record.loop(step, n, exp.phase, m, exp.trainer.learning_rate(), n * spec.global_batch_size / elapsed)
             preempted = preemption.stop_requested()  # on every worker alike: any worker's SIGTERM stops all
-            at_phase_end = step == exp.phase.end
-            if at_checkpoint or at_phase_end or step == end or preempted:
-                _save(manager, step, scratch_dir)
+            _fire([save, *evaluations], boundary(preempted))
             if preempted:
-                bar.close()
+                record.close()
                 who = "" if preemption.requested else " (on another worker)"
                 log(f"SIGTERM{who}: saved a checkpoint at step {step} in {model_dir}; stopping.")
-                metrics["preempted"] = True
-                return metrics, exp
-            at_eval = config.train.eval_every and step % config.train.eval_every == 0
-            if (at_eval or at_phase_end) and step < total:
-                _log_eval(exp, strategy, eval_writer, step, metrics, loop_log)
-                _select(selector, eval_writer, step, metrics, loop_log, exp.phase.name)
-                caption_samples(eval_writer, step)
-    bar.close()
-    if step == total and "val" in exp.manifest["splits"]:
-        _log_eval(exp, strategy, eval_writer, step, metrics, log)
-        _select(selector, eval_writer, step, metrics, log, exp.phase.name)
-        caption_samples(eval_writer, step)
-    writer.flush()
-    eval_writer.flush()
-    return metrics, exp
+                record.metrics["preempted"] = True
+                return record.metrics, exp
+    record.close()
+    return record.metrics, exp
+
+
+def _fire(fired: list[actions.Action], b: actions.Boundary) -> None:
+    for action in fired:
+        if action.fires(b):
+            action(b)
 
 
 def held_out_samples(exp: Experiment, num_examples: int) -> str:
@@ -353,27 +374,3 @@ def held_out_samples(exp: Experiment, num_examples: int) -> str:
                                   pipeline_spec(exp.config, exp.manifest, split, data_dir=exp.data_dir),
                                   num_examples)
     return f"greedy captions for {len(samples)} held-out {split} images:\n" + format_samples(samples)
-
-
-def _select(selector: CheckpointSelector, writer, step: int, metrics: dict, log, phase: str) -> None:
-    scores = selector(step, log, phase=phase)
-    if scores is None:
-        return
-    with writer.as_default(step=step):
-        for name, value in scores.items():
-            tf.summary.scalar(name, value)
-    metrics.update({f"val_{selector.metric}": scores[selector.metric],
-                    "best_step": selector.best["step"], f"best_val_{selector.metric}": selector.best["value"]})
-
-
-def _log_eval(exp: Experiment, strategy, writer, step: int, metrics: dict, log) -> None:
-    if "val" not in exp.manifest["splits"]:
-        return
-    max_images = exp.config.train.eval_max_images or None
-    with exp.trainer.evaluation_weights():  # the moving average of the weights, when the run keeps one
-        val = evaluate_loss(exp, strategy, "val", max_images)
-    metrics.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
-    with writer.as_default(step=step):
-        tf.summary.scalar("loss", val["loss"])
-        tf.summary.scalar("perplexity", val["perplexity"])
-    log(f"step {step}: val loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}")

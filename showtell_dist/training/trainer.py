@@ -251,5 +251,5 @@ class FineTuneTrainer(Trainer):
     def replica_features(self, batch) -> tf.Tensor:
         if "features" in batch:
             raise ValueError("the finetune phase trains the encoder: its input must be images, not cached features "
-                             "(feature_cache.data_dir_for gives the records).")
+                             "(phases.data_dir_for gives the records).")
         return self.model.encoder(tf.cast(batch["images"], tf.float32), training=False)  # BatchNorm frozen
