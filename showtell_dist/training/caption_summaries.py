@@ -47,6 +47,12 @@ def summary_images_of(config) -> int:
     return n
 
 
+def _first_examples(data_dir: str, manifest: dict, n: int) -> list[dict]:
+    """The first n val examples of data_dir in record order, as numpy (without their caption ids)."""
+    return [{k: v.numpy() for k, v in e.items() if k != "captions"}
+            for e in dataset_dir.first_examples(data_dir, manifest, "val", n)]
+
+
 def _decoder_inputs(examples: list[dict], manifest: dict, image_size: int) -> tf.Tensor:
     """[n, dim] cached features, or [n, size, size, 3] decoded images."""
     if pipeline.feature_dim(manifest) is not None:
@@ -94,8 +100,7 @@ class CaptionSummaries:
             return
         self.options = eval_options(exp.config)  # validated: before step 1, not at the first validation
         data_dir = exp.data_dir  # the current phase's: images from a finetune phase on
-        examples = [{k: v.numpy() for k, v in e.items() if k != "captions"}
-                    for e in dataset_dir.first_examples(data_dir, exp.manifest, "val", n)]
+        examples = _first_examples(data_dir, exp.manifest, n)
         self.from_features = pipeline.feature_dim(exp.manifest) is not None
         ids = [e["image_id"].decode("utf-8") for e in examples]
         self.inputs = _decoder_inputs(examples, exp.manifest, exp.model.image_size)
@@ -126,7 +131,7 @@ class CaptionSummaries:
         the experiment's when this was built), read once per directory."""
         data_dir = data_dir or self.exp.data_dir
         if data_dir not in self._inputs:
-            examples = _first_examples(data_dir, manifest, "val", len(self.samples))
+            examples = _first_examples(data_dir, manifest, len(self.samples))
             if [e["image_id"].decode("utf-8") for e in examples] != self.image_ids:
                 raise DataError(f"the first val images of {data_dir} are not those of the run's other data "
                                 f"({', '.join(self.image_ids)}): prepare or cache it from the same records.")
