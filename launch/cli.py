@@ -24,8 +24,6 @@ def define_strategy_flags():
 
 def define_decode_flags(beam_help: str = "Beam width (1 = greedy).") -> None:
     """--beam_width, --length_normalization, --alpha; unset, they take the run's eval.* settings."""
-    from showtell_dist.decoding.options import LENGTH_NORMALIZATIONS
-
     flags.DEFINE_integer("beam_width", None, f"{beam_help} Default: the run's eval.beam_width, else 3.")
     flags.DEFINE_enum("length_normalization", None, list(LENGTH_NORMALIZATIONS),
                       "How beam hypotheses are ranked: summed log-prob, per token, or GNMT penalty. "

@@ -343,8 +343,6 @@ def test_prepare_can_store_images_resized_as_training_resizes_them(tmp_path):
     assert "resized to 32x32" in summarize(resized)
 
     def images(out):
-        spec = pipeline.PipelineSpec(data_dir=str(out), split="train", image_size=32, captions_per_image=1,
-                                     max_len=resized["max_len"], global_batch_size=4)
         found = {}
         for r in tf.data.TFRecordDataset(shard_files(str(out), load_manifest(str(out)), "train")):
             ex = records.parse_example(r)

@@ -39,7 +39,7 @@ import dataclasses
 from typing import Callable
 
 from showtell_dist.config_fields import PHASE_SECTIONS as SECTIONS  # phase name -> its config section
-from showtell_dist.data import feature_cache, pipeline
+from showtell_dist.data import feature_cache
 from showtell_dist.data.dataset_dir import load_manifest, manifest_kind
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.run_dir import RunDir
