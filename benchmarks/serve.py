@@ -77,6 +77,7 @@ def export_demo_model(export_dir: str, vocab_words: int = 40, max_len: int = 16,
 
     from configs import demo
     from showtell_dist.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from showtell_dist.decoding.options import DecodeOptions
     from showtell_dist.export import export_saved_model
     from showtell_dist.run.restore import TrainedModel
     from showtell_dist.model.show_and_tell import build_model
@@ -86,8 +87,8 @@ def export_demo_model(export_dir: str, vocab_words: int = 40, max_len: int = 16,
     tokenizer = Tokenizer(words=list(SPECIAL_TOKENS) + [f"word{i}" for i in range(vocab_words)],
                           max_len=max_len + 1)
     model = build_model(config.model, tokenizer.vocab_size)
-    export_saved_model(TrainedModel(model, tokenizer, config, "random weights", 0), export_dir,
-                       beam_width=beam_width)
+    export_saved_model([TrainedModel(model, tokenizer, config, "random weights", 0)], export_dir,
+                       DecodeOptions(beam_width=beam_width))
 
 
 def make_jpegs(count: int, size: int = 128) -> list[bytes]:
