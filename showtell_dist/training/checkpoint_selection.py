@@ -122,11 +122,11 @@ class CheckpointSelector:
 def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split: str = "val",
                       progress: bool = True) -> dict:
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
-    run = RunDir(model_dir)
     from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
     from showtell_dist.training.phases import data_dir_for
 
+    run = RunDir(model_dir)
     trained = load_trained_model(model_dir, "best", strategy)
     data_dir = data_dir_for(trained.config)  # images when the run fine-tuned its encoder
     return evaluate_split([trained], data_dir, split, strategy, run.eval_output(split),

@@ -131,6 +131,11 @@ def enter_phase(exp: Experiment, phase: Phase, strategy: tf.distribute.Strategy,
     exp.read(data_dir)
 
 
+def _validate_training_splits(data_dir: str, manifest: dict) -> None:
+    """A missing, extra or truncated train or val shard stops here, before step 1, not mid-epoch."""
+    validate(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+
+
 def _recache_fits(exp: Experiment, data_dir: str) -> bool:
     try:
         check_recache_fits(load_manifest(data_dir), exp.config.model, exp.model.encoder, data_dir)
@@ -159,7 +164,7 @@ def _ensure_recached(exp: Experiment, data_dir: str, strategy, step: int, *, at_
     manifest = load_manifest(data_dir)
     check_recache_fits(manifest, exp.config.model, exp.model.encoder, data_dir)  # stale: refused
     feature_cache.check_feature_dim(manifest, exp.model, data_dir)
-    validate(data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+    _validate_training_splits(data_dir, manifest)
     exp.manifests[data_dir] = manifest
 
 
@@ -183,7 +188,7 @@ def build_experiment(config, strategy: tf.distribute.Strategy, model_dir: str | 
         manifest = manifests[phase_data_dir] = load_manifest(phase_data_dir)
         check_features_compatible(manifest, config.model, phase_data_dir)
         # A missing, extra or truncated shard stops here, before step 1, not mid-epoch (or mid-run).
-        validate(phase_data_dir, manifest, splits=[s for s in ("train", "val") if s in manifest["splits"]])
+        _validate_training_splits(phase_data_dir, manifest)
     manifest = manifests[data_dir]
     tokenizer = Tokenizer.load(vocabulary_path(data_dir))
     tokenizer.check_rules(vocabulary_path(data_dir))  # records of older word-splitting rules
