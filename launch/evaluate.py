@@ -20,8 +20,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split of the prepared records to 
 _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Caption only the first N images of the split.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "Prepared records, or a features cache made from them for "
                                    "the run's frozen encoder. Default: the run's data.features_dir when that "
-                                   "cache exists and the run did not fine-tune its encoder, else its "
-                                   "data.records_dir.")
+                                   "cache exists, the run did not fine-tune its encoder and every member of an "
+                                   "ensemble reads that cache; else data.records_dir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the results. Default: <model_dir>/eval_<split> "
                                   "(eval_<split>_ensemble for several checkpoints, in the first model_dir).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global decode batch (multiple of the replicas). "
@@ -34,16 +34,6 @@ cli.define_strategy_flags()
 cli.define_decode_flags()
 
 
-def _default_data_dir(config) -> str:
-    from showtell_dist.data import dataset_dir
-    from showtell_dist.training.phases import data_dir_for
-
-    data_dir = data_dir_for(config)  # the records once the run has fine-tuned its encoder
-    if data_dir != config.data.records_dir and dataset_dir.is_prepared(data_dir):
-        return data_dir  # the encoder's features, cached: decoding skips the encoder
-    return config.data.records_dir
-
-
 def main(argv):
     del argv
     with cli.user_errors():
@@ -52,13 +42,13 @@ def main(argv):
         from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
         from showtell_dist.evaluation.metrics import check_java, format_metrics_table
         from showtell_dist.run.run_dir import RunDir
+        from showtell_dist.training.phases import check_cache_serves_run, decode_data_dir
 
         check_java()
         members = cli.load_models(strategy)
         first = members[0]
-        records_dir = _RECORDS_DIR.value or _default_data_dir(first.config)
+        records_dir = _RECORDS_DIR.value or decode_data_dir([m.config for m in members])
         from showtell_dist.data.dataset_dir import load_manifest
-        from showtell_dist.training.phases import check_cache_serves_run
 
         for member in members:  # a features cache cannot serve a run that fine-tuned its encoder
             check_cache_serves_run(member.config, records_dir, load_manifest(records_dir))

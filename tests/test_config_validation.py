@@ -288,14 +288,15 @@ def test_launchers_refuse_an_unknown_config_field_with_exit_2(tmp_path):
     phases = _launch("train.py", f"--config={os.path.join(REPO, 'configs', 'demo.py')}", "--config.phases=xe,scst",
                      f"--config.data.records_dir={records}", f"--model_dir={run}", cwd=tmp_path)
     _refused_before_any_work(phases, "error: --config.phases=xe,scst: configs/demo.py has no field phases",
-                             "phases is a field of configs/flickr8k_lite2_scst.py, configs/flickr8k_mobilenet_scst.py: "
+                             "phases is a field of configs/flickr8k_lite2_scst.py, configs/flickr8k_mobilenet_finetune.py, "
+                             "configs/flickr8k_mobilenet_scst.py: "
                              "start from one of them (--config=configs/flickr8k_lite2_scst.py)")
     cache = _launch("cache_features.py", f"--config={os.path.join(REPO, 'configs', 'demo.py')}",
                     "--config.init_checkpoint=runs/x", f"--config.data.records_dir={records}",
                     f"--output_dir={tmp_path / 'features'}", cwd=tmp_path)
     _refused_before_any_work(cache, "error: --config.init_checkpoint=runs/x: configs/demo.py has no field "
                              "init_checkpoint", "init_checkpoint is a field of configs/flickr8k_lite2_scst.py, "
-                             "configs/flickr8k_mobilenet_scst.py")
+                             "configs/flickr8k_mobilenet_finetune.py, configs/flickr8k_mobilenet_scst.py")
     assert not os.listdir(tmp_path)  # no records, run or features directory
 
 

@@ -16,7 +16,7 @@ from showtell_dist.features import builder
 from showtell_dist.model.encoders import build_encoder
 from showtell_dist.model.show_and_tell import build_model
 from showtell_dist.training import train_loop
-from showtell_dist.training.phases import check_cache_serves_run, data_dir_for, recache_dir
+from showtell_dist.training.phases import check_cache_serves_run, data_dir_for, decode_data_dir, recache_dir
 from showtell_dist.training.trainer import FineTuneTrainer, encoder_variables
 from tiny_setup import VOCAB, global_batch, tiny_config, mirrored
 
@@ -96,7 +96,7 @@ def test_mixed_bfloat16_fine_tuning_trains():
     assert not any(c for p, c in _changed(model, before).items() if p.endswith(MOVING))
 
 
-def test_data_dir_for_and_validation():
+def test_data_dir_for_and_validation(tmp_path):
     c = tiny_config("records")
     c.data.features_dir = "features"
     c.phases = "xe,finetune,scst"
@@ -112,6 +112,19 @@ def test_data_dir_for_and_validation():
     c.data.features_dir = "features"
     c.phases = "xe,scst"
     assert data_dir_for(c) == data_dir_for(c, "scst") == data_dir_for(c, "scst", "runs/x") == "features"
+
+    # Decoding afterwards (launch/evaluate.py's default): the cache the runs share, if it exists; else images.
+    mobilenet, lite2 = tiny_config("records"), tiny_config("records")
+    mobilenet.data.features_dir, lite2.data.features_dir = str(tmp_path / "f_mobilenet"), str(tmp_path / "f_lite2")
+    assert decode_data_dir([mobilenet]) == "records"  # no cache made yet
+    for features_dir in (mobilenet.data.features_dir, lite2.data.features_dir):
+        os.makedirs(features_dir)
+        open(os.path.join(features_dir, "manifest.json"), "w").write("{}")
+    assert decode_data_dir([mobilenet]) == decode_data_dir([mobilenet, mobilenet]) == mobilenet.data.features_dir
+    assert decode_data_dir([mobilenet, lite2]) == "records"  # across encoders: each member encodes the images
+    tuned = tiny_config("records")
+    tuned.data.features_dir, tuned.phases = mobilenet.data.features_dir, "xe,finetune"
+    assert decode_data_dir([tuned]) == decode_data_dir([tuned, mobilenet]) == "records"  # a fine-tuned encoder
 
     config = tiny_config("records").to_dict()
     config["phases"] = "xe,finetune"

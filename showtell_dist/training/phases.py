@@ -40,7 +40,7 @@ from typing import Callable
 
 from showtell_dist.config_fields import PHASE_SECTIONS as SECTIONS  # phase name -> its config section
 from showtell_dist.data import feature_cache
-from showtell_dist.data.dataset_dir import load_manifest, manifest_kind
+from showtell_dist.data.dataset_dir import is_prepared, load_manifest, manifest_kind
 from showtell_dist.errors import ConfigError
 from showtell_dist.run.run_dir import RunDir
 from showtell_dist.training.self_critical import build_self_critical_trainer
@@ -204,6 +204,19 @@ def data_dir_for(config, phase: str | None = None, model_dir: str | None = None)
         return feature_cache.data_dir_of(config)
     source = recached_after(config, phase) if phase is not None and model_dir else None
     return recache_dir(model_dir, source.name) if source else config.data.records_dir
+
+
+def decode_data_dir(configs) -> str:
+    """What evaluating the checkpoints of these runs (one, or an ensemble's members) reads: the features
+    cache they all read, when it exists; else the image records, where each member runs its own encoder
+    (members of different encoders, or a run that fine-tuned its encoder, data_dir_for)."""
+    data_dirs = {data_dir_for(config) for config in configs}
+    records_dir = configs[0].data.records_dir
+    if len(data_dirs) == 1:
+        data_dir = data_dirs.pop()
+        if data_dir != records_dir and is_prepared(data_dir):
+            return data_dir  # the encoder's features, cached: decoding skips the encoder
+    return records_dir
 
 
 def trains_encoder(config) -> bool:
