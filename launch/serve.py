@@ -14,8 +14,6 @@ request gets 503 with Retry-After; SIGTERM drains (503 for new work, requests
 in flight finish within --drain_timeout_s) and exits 0.
 """
 
-import os
-
 import _bootstrap  # noqa: F401  (puts the repo on sys.path)
 from absl import app, flags
 
@@ -85,9 +83,10 @@ def main(argv):
             raise ConfigError(f"--max_queued_images={_MAX_QUEUED_IMAGES.value} is below --max_images_per_request="
                               f"{_MAX_IMAGES.value}: a request with that many images could never be queued; raise "
                               "--max_queued_images or lower --max_images_per_request.")
-        export_dir = _EXPORT_DIR.value or os.path.join(_MODEL_DIR.value.rstrip("/"), "export")
-
+        from showtell_dist.run.run_dir import RunDir
         from showtell_dist.serving import SavedModelCaptioner, ServerSettings, make_app, serve_forever
+
+        export_dir = _EXPORT_DIR.value or RunDir(_MODEL_DIR.value).export
 
         captioner = SavedModelCaptioner.load(export_dir)
         settings = ServerSettings(
