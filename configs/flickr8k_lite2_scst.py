@@ -12,11 +12,19 @@ Against flickr8k_mobilenet_scst.py it changes three levers of issue 16:
   captions cut off mid-phrase), a 100-step warm-up of the new Adam, and a decay to 0.1x over the last
   third of the phase.
 
+Measured from a fresh clone on a quiet 2-core machine (README, Results): 41.6 minutes wall for records,
+features, both phases and the final evaluation; val (beam 3) BLEU-1 63.6 / BLEU-4 19.8 / METEOR 18.8 /
+ROUGE-L 43.9 / CIDEr-D 48.4 at step 5500, the last (still rising: 45.4, 46.9, 48.4 at 4500-5500); no
+caption ends on a function word, 409 of the 1000 are distinct.
+
 To start from an existing cross-entropy run (e.g. flickr8k_lite2.py with --config.train.steps=3500
 --config.train.schedule_steps=6000) and run the self-critical phase alone:
 
     python launch/train.py --config=configs/flickr8k_lite2_scst.py --model_dir=runs/f8k_lite2_scst \
-        --config.phases=scst --config.init_checkpoint=runs/f8k_lite2_xe
+        --config.phases=scst --config.init_checkpoint=runs/f8k_lite2_xe/checkpoints/ckpt-3500
+
+Name the last checkpoint: init_checkpoint=runs/f8k_lite2_xe takes that run's selected one (step 2500, val
+CIDEr-D 43.3 against 43.0 at 3500), and self-critical training from there ended at 46.0, not 48.4.
 """
 
 import ml_collections

@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.scst.max_len = 20               # tokens per sample incl. <end>; references are cut at 23 words
     c.scst.temperature = 1.0
     c.scst.dropout = False
-    c.scst.reward_end_token = False   # True: <end> is a word of the CIDEr-D reward (see configs/scst.py)
+    c.scst.reward_end_token = False   # as when its README row was measured; the section default is True
     c.scst.xe_weight = 0.0
     c.scst.learning_rate = 1e-4
     c.scst.warmup_steps = 0

@@ -20,8 +20,9 @@ def section(**overrides) -> ml_collections.ConfigDict:
     s.temperature = 1.0             # samples from softmax(logits / temperature)
     s.dropout = False               # the model's output dropout while sampling and in the gradient pass
                                     # (the same masks in both)
-    s.reward_end_token = False      # True: CIDEr-D scores <end> as a word of samples and references
-                                    # (Rennie et al.; penalises captions cut off mid-phrase)
+    s.reward_end_token = True       # CIDEr-D scores <end> as a word of samples and references (Rennie et
+                                    # al.; penalises captions cut off mid-phrase). Measured on Flickr8k val
+                                    # (README, Results): at least as good as without (44.2 vs 44.0 CIDEr-D)
     s.xe_weight = 0.0               # > 0 mixes in the references' cross-entropy
     s.learning_rate = 5e-5
     s.warmup_steps = 0
