@@ -124,11 +124,11 @@ def evaluate_selected(model_dir: str, strategy: tf.distribute.Strategy, *, split
     """Every metric (METEOR too) of the selected checkpoint on `split`, written to model_dir/eval_<split>."""
     from showtell_dist.evaluation.evaluator import ReportOptions, SplitOptions, evaluate_split
     from showtell_dist.run.restore import load_trained_model
-    from showtell_dist.training.phases import data_dir_for
+    from showtell_dist.training.phases import decode_data_dir
 
     run = RunDir(model_dir)
     trained = load_trained_model(model_dir, "best", strategy)
-    data_dir = data_dir_for(trained.config)  # images when the run fine-tuned its encoder
+    data_dir = decode_data_dir([trained.config])  # what launch/evaluate.py reads: images after fine-tuning
     return evaluate_split([trained], data_dir, split, strategy, run.eval_output(split),
                           eval_options(trained.config), SplitOptions(progress=progress),
                           ReportOptions(selection=run.read_selection()))
